@@ -1,0 +1,296 @@
+"""The one place that knows megatron-core's version and touches its internals.
+
+* :func:`require_megatron_core` imports megatron-core and refuses versions outside
+  ``SUPPORTED`` with a message that says what to install.
+* :func:`enable_cpu_mode` lets the unmodified megatron-core run on a machine without a GPU
+  (gloo instead of NCCL). It is a small, explicit set of patches, checked against
+  megatron-core 0.16.1; the model math is the same code on CPU and GPU:
+
+  1. ``torch.cuda.current_device()`` answers the CPU device, so ``device=current_device()``
+     places tensors on the CPU;
+  2. tensor factories asked for ``device="cuda"`` build on the CPU, ``Tensor.cuda()`` is the
+     identity, and synchronize / streams / events are no-ops;
+  3. ``Tensor.type()`` (no argument) names CPU float tensors ``torch.cuda.*Tensor``, because
+     megatron-core's optimizer asserts on that string;
+  4. the model-parallel RNG tracker keeps CPU generator states (``CpuRNGStatesTracker``).
+* :func:`initialize_parallel` brings up torch.distributed (torchrun's environment, or a single
+  local process) and megatron-core's ``parallel_state``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import warnings
+
+import torch
+
+SUPPORTED = ((0, 16, 1), (0, 17, 0))  # [lowest, first unsupported)
+SUPPORTED_TEXT = "megatron-core>=0.16.1,<0.17"
+ALLOW_ENV = "MEGATRON_PATCH_ALLOW_ANY_MCORE"
+
+_CPU_MODE = False
+
+
+class UnsupportedMegatronCore(RuntimeError):
+    """megatron-core is missing or its version is outside the tested range."""
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def require_megatron_core():
+    """Import megatron.core and check its version; returns the module."""
+    # megatron-core warns at import about every optional accelerator it does not find.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    try:
+        import megatron.core as mcore
+    except ImportError as err:
+        raise UnsupportedMegatronCore(
+            f"megatron-core is not importable ({err}). Install it with "
+            f"`pip install '{SUPPORTED_TEXT}'`, or set MEGATRON_PATH to a Megatron-LM checkout."
+        ) from err
+    version = _version_tuple(getattr(mcore, "__version__", "0"))
+    if not SUPPORTED[0] <= version < SUPPORTED[1] and not os.environ.get(ALLOW_ENV):
+        raise UnsupportedMegatronCore(
+            f"megatron-core {mcore.__version__} from {os.path.dirname(mcore.__file__)} is not "
+            f"supported: megatron_patch is tested with {SUPPORTED_TEXT}. Install that range, "
+            f"point MEGATRON_PATH at a matching checkout, or set {ALLOW_ENV}=1 to try anyway."
+        )
+    return mcore
+
+
+def on_gpu() -> bool:
+    """True when CUDA is usable (and CPU mode was not forced)."""
+    return torch.cuda.is_available() and not os.environ.get("MEGATRON_PATCH_FORCE_CPU")
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- CPU mode
+
+
+def _cpu_device(value):
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return torch.device("cpu")
+    return value
+
+
+def _redirect_device(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace",
+    "eye", "empty_strided",
+)
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def query(self):
+        return True
+
+
+class _NullStream(_NullEvent):
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+
+def _patch_tensor_methods():
+    original_type = torch.Tensor.type
+    original_to = torch.Tensor.to
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return _CUDA_TYPE_NAMES.get(self.dtype, original_type(self))
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    def tensor_to(self, *args, **kwargs):
+        args = tuple(_cpu_device(a) if not isinstance(a, int) else a for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return original_to(self, *args, **kwargs)
+
+    torch.Tensor.type = tensor_type
+    torch.Tensor.to = tensor_to
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def _patch_torch_cuda():
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.synchronize = lambda *args, **kwargs: None
+    cuda.empty_cache = lambda: None
+    cuda.set_device = lambda *args, **kwargs: None
+    cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *args, **kwargs: 0
+    cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    cuda.memory_reserved = lambda *args, **kwargs: 0
+    cuda.max_memory_reserved = lambda *args, **kwargs: 0
+
+
+def _patch_rng_tracker():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Model-parallel RNG states kept as CPU generator states.
+
+        On CPU the global CPU generator plays the CUDA default generator's role, so ``fork``
+        swaps its state in and out (megatron-core's version would warn on every fork that the
+        CPU state changed, which here is the point).
+        """
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+def enable_cpu_mode() -> None:
+    """Patch torch / megatron-core so megatron-core runs on the CPU (idempotent).
+
+    Does nothing on a machine where CUDA is usable.
+    """
+    global _CPU_MODE
+    if _CPU_MODE or on_gpu():
+        return
+    require_megatron_core()
+    for name in _FACTORIES:
+        setattr(torch, name, _redirect_device(getattr(torch, name)))
+    _patch_tensor_methods()
+    _patch_torch_cuda()
+    _patch_rng_tracker()
+    _CPU_MODE = True
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_distributed() -> None:
+    """Start torch.distributed from torchrun's variables, or as one local process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def initialize_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
+                        virtual_pipeline_parallel: int | None = None) -> None:
+    """torch.distributed + megatron-core model-parallel groups + the model-parallel RNG seeds."""
+    require_megatron_core()
+    enable_cpu_mode()
+    initialize_distributed()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size "
+            f"{tensor_parallel} x --pipeline-model-parallel-size {pipeline_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's groups and the process group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,33 @@
+"""megatron_patch: LLM families, data tools and conversion on an unmodified megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_patch",
+    version="0.1.0",
+    description="Continue pretraining, fine-tune and align HuggingFace LLMs on NVIDIA megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_patch", "megatron_patch.*"]),
+    install_requires=[
+        # torch is not pinned here: the install scripts pin torch==2.13.0 only when torch is
+        # absent, so a user's own CUDA build is never replaced.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "transformers>=4.45",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "numpy",
+        # megatron-core's checkpoint writer hangs forever without psutil.
+        "psutil",
+        "zstandard",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+)

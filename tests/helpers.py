@@ -1,0 +1,73 @@
+"""Shared test helpers: tiny tokenizers and models built on the spot, and a torchrun runner."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --nproc-per-node N <args>`` on CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_python(args: list[str], timeout: int = 300, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root."""
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore")
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def train_tiny_tokenizer(output_dir: str, vocab_size: int = 500, docs: int = 400) -> str:
+    """A byte-level BPE tokenizer trained on the standard library's docstrings."""
+    from megatron_patch.data.corpus import iter_stdlib_docstrings
+    from megatron_patch.tokenizers.train import train_bpe_tokenizer
+
+    texts = [t for _, t in zip(range(docs), iter_stdlib_docstrings())]
+    return train_bpe_tokenizer(texts, vocab_size, output_dir)
+
+
+def save_tiny_llama(output_dir: str, seed: int = 0, **overrides) -> str:
+    """A random HF LlamaForCausalLM (2 layers, hidden 64 unless overridden), saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=250, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields))
+    # Random norms too, so a swapped or missing norm weight cannot go unnoticed.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what megatron_patch needs into the current Python, only what is missing.
+# torch is pinned to 2.13.0 when absent (an unpinned torch pulls a multi-GB CUDA build);
+# a torch that is already installed (a user's CUDA build) is kept.
+# Usage: bash toolkits/install_requirements.sh [extra ...]   e.g. "test"
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+extras=$(IFS=,; echo "$*")
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[install] torch is missing: installing torch==2.13.0"
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+
+check='
+import importlib, os, sys
+mods = ["megatron.core", "transformers", "safetensors", "tokenizers", "sentencepiece", "psutil",
+        "zstandard", "tqdm", "megatron_patch"] + sys.argv[2:]
+for m in mods:
+    importlib.import_module(m)
+import megatron_patch
+here = os.path.realpath(os.path.dirname(os.path.dirname(megatron_patch.__file__)))
+sys.exit(0 if here == os.path.realpath(sys.argv[1]) else 1)
+'
+extra_mods=()
+[[ ",$extras," == *",test,"* ]] && extra_mods+=(pytest)
+if ! (cd /tmp && "$PY" -W ignore -c "$check" "$root" "${extra_mods[@]}") >/dev/null 2>&1; then
+  target="$root"
+  [[ -n "$extras" ]] && target="$root[$extras]"
+  echo "[install] installing megatron_patch and its requirements: pip install -e '$target'"
+  "$PY" -m pip install -q -e "$target"
+fi
