@@ -1,0 +1,1 @@
+"""Data toolkit: raw-text cleaning, indexed-dataset building, pretraining and SFT datasets."""
