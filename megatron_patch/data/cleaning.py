@@ -325,7 +325,8 @@ class CleanSummary:
 
     documents_read: int = 0
     documents_kept: int = 0
-    dropped: dict = field(default_factory=lambda: dict.fromkeys(DROP_REASONS + BAD_INPUT_REASONS, 0))
+    dropped: dict = field(
+        default_factory=lambda: dict.fromkeys(DROP_REASONS + BAD_INPUT_REASONS, 0))
     bad_input: list = field(default_factory=list)  # "file:line: reason: detail", the first ones
     files: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
