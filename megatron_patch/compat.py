@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
 import warnings
@@ -90,21 +89,19 @@ def _cpu_device(value):
     return value
 
 
-def _redirect_device(factory):
-    @functools.wraps(factory)
-    def wrapper(*args, **kwargs):
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Torch-function mode that builds tensors asked for on ``cuda`` on the CPU instead.
+
+    A mode rather than wrapped factories: other modes (``with torch.device("meta")``, which
+    transformers uses while loading) stack on top of it unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
-        return factory(*args, **kwargs)
-
-    return wrapper
+        return func(*args, **kwargs)
 
 
-_FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
-    "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace",
-    "eye", "empty_strided",
-)
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -224,8 +221,7 @@ def enable_cpu_mode() -> None:
     if _CPU_MODE or on_gpu():
         return
     require_megatron_core()
-    for name in _FACTORIES:
-        setattr(torch, name, _redirect_device(getattr(torch, name)))
+    _CudaToCpu().__enter__()  # stays active for the life of the process
     _patch_tensor_methods()
     _patch_torch_cuda()
     _patch_rng_tracker()

@@ -1,0 +1,84 @@
+"""``python -m megatron_patch.convert``: HF <-> Megatron checkpoints with TP/PP resharding.
+
+    # HF -> Megatron at TP2 / PP2
+    python -m megatron_patch.convert --load hf_dir --save mg_dir \\
+        --target-tensor-model-parallel-size 2 --target-pipeline-model-parallel-size 2
+    # Megatron (any layout) -> HF
+    python -m megatron_patch.convert --megatron-to-hf --load mg_dir --save hf_dir
+    # Megatron -> Megatron at another layout
+    python -m megatron_patch.convert --load mg_dir --save mg_tp1 --target-tensor-model-parallel-size 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_patch.convert",
+        description="Convert checkpoints between HuggingFace and Megatron (megatron-core) "
+                    "layouts, losslessly, at any tensor/pipeline-parallel size. The direction "
+                    "is HF->Megatron unless --megatron-to-hf is given; a Megatron --load with "
+                    "no --megatron-to-hf reshards it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--load", required=True,
+                        help="source: an HF directory (config.json + safetensors) or a Megatron "
+                             "checkpoint (root or its release/iter_* directory)")
+    parser.add_argument("--save", required=True, help="output directory (must not exist or be "
+                                                      "empty unless --overwrite)")
+    parser.add_argument("--model-family", default=None,
+                        help="llama, ...; default: from config.json's model_type or the "
+                             "checkpoint's metadata. Must match them when given.")
+    parser.add_argument("--megatron-to-hf", action="store_true",
+                        help="convert a Megatron checkpoint back to HF")
+    parser.add_argument("--target-tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--extra-vocab-size", type=int, default=0,
+                        help="extra embedding rows for tokens added later (padded with zeros)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
+                        help="torch: Megatron-LM's mp_rank_* files; torch_dist: a megatron-core "
+                             "distributed checkpoint (reshardable at load time)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_patch.convert import engine
+    from megatron_patch.convert.io_utils import CheckpointError
+
+    target = engine.Target(args.target_tensor_model_parallel_size,
+                           args.target_pipeline_model_parallel_size, args.extra_vocab_size,
+                           args.make_vocab_size_divisible_by, args.ckpt_format)
+    common = dict(family_name=args.model_family, progress=not args.no_progress,
+                  overwrite=args.overwrite)
+    start = time.time()
+    try:
+        if args.megatron_to_hf:
+            meta = engine.convert_megatron_to_hf(args.load, args.save, **common)
+            what = "megatron -> hf"
+        elif os.path.isfile(os.path.join(args.load, "config.json")):
+            meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
+            what = (f"hf -> megatron (TP={target.tensor_parallel}, PP={target.pipeline_parallel},"
+                    f" {target.ckpt_format})")
+        else:
+            meta = engine.reshard_megatron(args.load, args.save, target, **common)
+            what = (f"megatron -> megatron (TP={target.tensor_parallel}, "
+                    f"PP={target.pipeline_parallel}, {target.ckpt_format})")
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    m = meta["model_args"]
+    print(f"converted {what}: family {meta['family']}, {m['num_layers']} layers, hidden "
+          f"{m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}) "
+          f"in {time.time() - start:.1f}s -> {os.path.abspath(args.save)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

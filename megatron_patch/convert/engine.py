@@ -1,0 +1,273 @@
+"""The conversion engine: runs a family's weight-mapping table in either direction and is the
+only code that shards. HF tensors are the canonical form: Megatron -> Megatron resharding goes
+through the ops' inverses too, so every direction uses the same table.
+
+Memory stays near one pipeline stage of the model: HF tensors are read lazily from safetensors,
+Megatron rank files are memory-mapped, and each stage is written before the next is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from megatron_patch.convert import megatron_io as mio
+from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
+from megatron_patch.convert.io_utils import CheckpointError, atomic_directory
+from megatron_patch.convert.mapping import Binding, bind_stage
+from megatron_patch.convert.ops import Dims
+from megatron_patch.convert.sharding import split_tensor, stage_layers
+from megatron_patch.families.base import Family, ModelArgs
+from megatron_patch.registry import family_for_model_type, get_family
+from megatron_patch.tokenizers.vocab import padded_vocab_size
+
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to write on the Megatron side."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    extra_vocab_size: int = 0
+    make_vocab_size_divisible_by: int = 128
+    ckpt_format: str = "torch"
+
+
+def dims_for(args: ModelArgs, padded: int) -> Dims:
+    return Dims(args.num_attention_heads, args.num_query_groups, args.kv_channels,
+                args.vocab_size, padded)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def stage_bindings(family: Family, args: ModelArgs, pp: int, stage: int) -> list[Binding]:
+    """Every tensor of one pipeline stage. With tied embeddings and PP > 1 the last stage
+    holds its own copy of the embedding as ``output_layer.weight`` (megatron-core's rule)."""
+    rows = family.weights(args)
+    bindings = bind_stage(rows, stage_layers(args.num_layers, pp, stage), stage == 0,
+                          stage == pp - 1)
+    if args.tie_embeddings and pp > 1 and stage == pp - 1:
+        embedding = bind_stage([r for r in rows if r.stage == "first"], range(0), True, False)
+        bindings += [dataclasses.replace(b, megatron_local="output_layer.weight")
+                     for b in embedding if b.megatron_local.startswith("embedding.")]
+    return bindings
+
+
+def build_metadata(family: Family, args: ModelArgs, target: Target, hf_config: dict | None,
+                   tokenizer: bool) -> dict:
+    """What a Megatron checkpoint needs to be read back (and converted back) on its own."""
+    padded = padded_vocab_size(args.vocab_size, target.make_vocab_size_divisible_by,
+                               target.tensor_parallel, target.extra_vocab_size)
+    return {
+        "format": "megatron_patch/1",
+        "family": family.name,
+        "model_args": args.to_dict(),
+        "padded_vocab_size": padded,
+        "make_vocab_size_divisible_by": target.make_vocab_size_divisible_by,
+        "extra_vocab_size": target.extra_vocab_size,
+        "tensor_model_parallel_size": target.tensor_parallel,
+        "pipeline_model_parallel_size": target.pipeline_parallel,
+        "ckpt_format": target.ckpt_format,
+        "hf_config": hf_config,
+        "tokenizer": {"type": family.tokenizer, "path": TOKENIZER_DIR} if tokenizer else None,
+    }
+
+
+def write_megatron_stages(family, args, meta, fetch, save_stage, progress=True) -> None:
+    """Build every stage's TP shards from ``fetch(binding) -> full tensor`` and hand them to
+    ``save_stage(stage, [state_dict per TP rank])``."""
+    tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
+    args.validate_parallel(tp, pp, "--target-")
+    per_stage = [stage_bindings(family, args, pp, s) for s in range(pp)]
+    with _progress(sum(map(len, per_stage)), "writing megatron", progress) as bar:
+        for stage, bindings in enumerate(per_stage):
+            shards = [{} for _ in range(tp)]
+            for binding in bindings:
+                for rank, piece in enumerate(split_tensor(fetch(binding), binding.row.tp, tp)):
+                    shards[rank][binding.megatron_local] = piece
+                bar.update(1)
+            save_stage(stage, shards)
+
+
+def torch_stage_saver(iter_dir: str, meta: dict, iteration="release"):
+    """``save_stage`` for the ``torch`` format: one model_optim_rng.pt per rank."""
+    def save(stage, shards):
+        for rank, state in enumerate(shards):
+            mio.save_rank_file(iter_dir, rank, stage, meta["pipeline_model_parallel_size"], {
+                "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION,
+                "iteration": 0 if iteration == "release" else iteration,
+                "args": mio.megatron_lm_args(meta), "megatron_patch": meta})
+    return save
+
+
+def _write_checkpoint(family, args, meta, fetch, root, progress) -> None:
+    """Write weights in ``meta['ckpt_format']`` plus metadata and tracker under ``root``."""
+    iter_dir = os.path.join(root, mio.iteration_dir_name("release"))
+    if meta["ckpt_format"] == "torch":
+        write_megatron_stages(family, args, meta, fetch, torch_stage_saver(iter_dir, meta),
+                              progress)
+    elif meta["ckpt_format"] == "torch_dist":
+        from megatron_patch.convert.dist_io import save_torch_dist
+
+        save_torch_dist(family, args, meta, fetch, iter_dir, progress)
+    else:
+        raise CheckpointError(f"--ckpt-format must be torch or torch_dist, got "
+                              f"'{meta['ckpt_format']}'")
+    mio.write_metadata(root, meta)
+    mio.write_tracker(root, "release")
+
+
+def _check_all_consumed(unconsumed: list[str], where: str) -> None:
+    if unconsumed:
+        shown = ", ".join(unconsumed[:10]) + (" ..." if len(unconsumed) > 10 else "")
+        raise CheckpointError(f"{where}: {len(unconsumed)} tensor(s) not covered by the weight "
+                              f"mapping: {shown}")
+
+
+def resolve_hf_family(hf_config: dict, path: str, family_name: str | None) -> Family:
+    """The family named on the command line must match config.json's model_type."""
+    model_type = hf_config.get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{path}/config.json has no model_type")
+    if family_name is None:
+        return family_for_model_type(model_type)
+    family = get_family(family_name)
+    if model_type not in family.hf_model_types:
+        raise CheckpointError(f"--model-family {family_name} does not match {path}/config.json "
+                              f"(model_type '{model_type}')")
+    return family
+
+
+def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
+                           target: Target = Target(), progress: bool = True,
+                           overwrite: bool = False) -> dict:
+    """HF checkpoint directory -> Megatron checkpoint at ``target``'s layout. Returns metadata."""
+    hf_config = read_hf_config(load)
+    family = resolve_hf_family(hf_config, load, family_name)
+    args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
+    args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
+    hf = HFReader(load)
+    with atomic_directory(save, overwrite) as root:
+        tokenizer_dir = os.path.join(root, TOKENIZER_DIR)
+        os.makedirs(tokenizer_dir)
+        has_tokenizer = copy_side_files(load, tokenizer_dir)
+        meta = build_metadata(family, args, target, hf.config, has_tokenizer)
+        meta["dtype"] = str(hf.dtype()).replace("torch.", "")
+        dims = dims_for(args, meta["padded_vocab_size"])
+        fetch = lambda b: b.row.op.to_megatron([hf.get(n) for n in b.hf], dims)  # noqa: E731
+        _write_checkpoint(family, args, meta, fetch, root, progress)
+        _consume_tied_head(hf, args)
+        _check_all_consumed(hf.unconsumed(), load)
+    return meta
+
+
+def _consume_tied_head(hf: HFReader, args: ModelArgs) -> None:
+    """A tied checkpoint may still store lm_head.weight; it must equal the embedding."""
+    import torch
+
+    if args.tie_embeddings and hf.has("lm_head.weight"):
+        if not torch.equal(hf.get("lm_head.weight"), hf.get("model.embed_tokens.weight")):
+            raise CheckpointError(f"{hf.path}: tie_word_embeddings is set but lm_head.weight "
+                                  f"differs from model.embed_tokens.weight")
+
+
+def open_megatron(load: str, family_name: str | None = None):
+    """(reader, family, args, meta) of a Megatron checkpoint written by megatron_patch, in
+    either format."""
+    root, iter_dir = mio.resolve_checkpoint(load)
+    meta = mio.read_metadata(root)
+    if mio.is_torch_dist(iter_dir):
+        if meta is None:
+            raise CheckpointError(f"{root}: torch_dist checkpoint without {mio.METADATA}")
+        from megatron_patch.convert.dist_io import TorchDistReader
+
+        reader = TorchDistReader(iter_dir, meta)
+    else:
+        reader = mio.MegatronReader(iter_dir)
+        meta = meta or reader.meta
+    if meta is None:
+        raise CheckpointError(f"{load}: no {mio.METADATA} and no 'megatron_patch' entry in the "
+                              f"rank files; convert it with megatron_patch first")
+    family = get_family(meta["family"])
+    if family_name and family_name != family.name:
+        raise CheckpointError(f"--model-family {family_name} does not match {load} "
+                              f"(family '{family.name}')")
+    return reader, family, ModelArgs.from_dict(meta["model_args"]), meta
+
+
+def megatron_fetcher(reader, family, args, meta):
+    """``fetch(binding) -> HF tensors`` over a Megatron checkpoint (any layout)."""
+    dims = dims_for(args, meta["padded_vocab_size"])
+    per_stage = args.num_layers // reader.pp
+
+    def fetch_hf(binding):
+        full = reader.get(binding.megatron_global, binding.row.stage, binding.row.tp, per_stage)
+        return binding.row.op.to_hf(full, dims)
+    return fetch_hf
+
+
+def _consume_tied_output(reader, args) -> None:
+    """With tied embeddings and PP > 1 the last stage's output_layer copy is not needed."""
+    if args.tie_embeddings and reader.pp > 1:
+        reader.consumed.add((reader.pp - 1, "output_layer.weight"))
+
+
+def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
+                           progress: bool = True, overwrite: bool = False) -> dict:
+    """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads."""
+    reader, family, args, meta = open_megatron(load, family_name)
+    fetch_hf = megatron_fetcher(reader, family, args, meta)
+    bindings = [b for s in range(reader.pp) for b in stage_bindings(family, args, reader.pp, s)
+                if b.megatron_local == b.megatron_global or b.row.stage == "layer"]
+    with atomic_directory(save, overwrite) as out, \
+            _progress(len(bindings), "writing hf", progress) as bar:
+        writer = HFWriter(out)
+        for binding in bindings:
+            for name, tensor in zip(binding.hf, fetch_hf(binding)):
+                writer.add(name, tensor)
+            bar.update(1)
+        _consume_tied_output(reader, args)
+        _check_all_consumed(reader.unconsumed(), load)
+        tokenizer_dir = os.path.join(reader.root, TOKENIZER_DIR)
+        writer.finish(hf_config_for(family, args, meta),
+                      tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+    return meta
+
+
+def hf_config_for(family: Family, args: ModelArgs, meta: dict) -> dict:
+    """The original config.json when the model's shape is unchanged, else one rebuilt."""
+    original = meta.get("hf_config")
+    if original and family.args_from_hf(original) == args:
+        return original
+    return family.hf_config_from_args(args)
+
+
+def reshard_megatron(load: str, save: str, target: Target, family_name: str | None = None,
+                     progress: bool = True, overwrite: bool = False) -> dict:
+    """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding)."""
+    reader, family, args, src_meta = open_megatron(load, family_name)
+    fetch_hf = megatron_fetcher(reader, family, args, src_meta)
+    with atomic_directory(save, overwrite) as root:
+        tokenizer_src = os.path.join(reader.root, TOKENIZER_DIR)
+        has_tokenizer = os.path.isdir(tokenizer_src) and copy_side_files(
+            tokenizer_src, _mkdir(os.path.join(root, TOKENIZER_DIR)))
+        meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
+        meta["dtype"] = src_meta.get("dtype", "float32")
+        dims = dims_for(args, meta["padded_vocab_size"])
+        fetch = lambda b: b.row.op.to_megatron(fetch_hf(b), dims)  # noqa: E731
+        _write_checkpoint(family, args, meta, fetch, root, progress)
+        _consume_tied_output(reader, args)
+        _check_all_consumed(reader.unconsumed(), load)
+    return meta
+
+
+def _mkdir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,161 @@
+"""HuggingFace checkpoint directories: a lazy reader (safetensors, or PyTorch .bin as a
+fallback) that counts what it hands out, and a sharded safetensors writer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from megatron_patch.convert.io_utils import CheckpointError, require_dir
+
+# Files that travel with the weights (tokenizer, generation defaults); never the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja")
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
+
+
+def read_hf_config(path: str) -> dict:
+    """config.json of an HF checkpoint directory, with errors that name the file."""
+    require_dir(path, "HF checkpoint")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: no config.json; an HF checkpoint directory holds "
+                              f"config.json and *.safetensors")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: invalid JSON ({err})") from err
+
+
+class HFReader:
+    """Tensors of an HF checkpoint by name, read one at a time; remembers which were read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.config = read_hf_config(path)
+        self._handles = {}
+        self._where = self._index()  # tensor name -> file
+        self.consumed: set[str] = set()
+        self.reads: dict[str, int] = {}  # how often each tensor was read
+
+    def _index(self) -> dict[str, str]:
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index_path = os.path.join(self.path, index_name)
+            if os.path.isfile(index_path):
+                with open(index_path, encoding="utf-8") as handle:
+                    weight_map = json.load(handle)["weight_map"]
+                return {k: os.path.join(self.path, v) for k, v in weight_map.items()}
+            single_path = os.path.join(self.path, single)
+            if os.path.isfile(single_path):
+                return {k: single_path for k in self._names_in(single_path)}
+        raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json "
+                              f"or pytorch_model.bin found")
+
+    def _names_in(self, file: str) -> list[str]:
+        return list(self._open(file).keys())
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._handles[file] = safe_open(file, framework="pt", device="cpu")
+            else:
+                self._handles[file] = torch.load(file, map_location="cpu", mmap=True,
+                                                 weights_only=True)
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, counted as consumed."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
+        handle = self._open(self._where[name])
+        tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        self.consumed.add(name)
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return tensor
+
+    def unconsumed(self) -> list[str]:
+        return sorted(set(self._where) - self.consumed)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its floating-point weights in."""
+        for name in self._where:
+            handle = self._open(self._where[name])
+            if hasattr(handle, "get_slice"):
+                kind = handle.get_slice(name).get_dtype()
+                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                        "F64": torch.float64}.get(kind, torch.float32)
+            return handle[name].dtype
+        return torch.float32
+
+
+class HFWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` (HF's naming and
+    index), then config.json; call :meth:`finish` once."""
+
+    def __init__(self, path: str, max_shard_bytes: int = 5 * 1024**3):
+        self.path = path
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        os.makedirs(path, exist_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        number = len(self._shards) + 1
+        save_file(self._pending, os.path.join(self.path, f"part-{number:05d}.safetensors"),
+                  metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, config: dict, side_files_from: str | None = None) -> None:
+        """Name the shards as HF does, write the index, config.json and side files."""
+        if self._pending:
+            self._flush()
+        total = len(self._shards)
+        weight_map = {}
+        for number, names in enumerate(self._shards, start=1):
+            final = ("model.safetensors" if total == 1
+                     else f"model-{number:05d}-of-{total:05d}.safetensors")
+            os.replace(os.path.join(self.path, f"part-{number:05d}.safetensors"),
+                       os.path.join(self.path, final))
+            weight_map.update({name: final for name in names})
+        if total > 1:
+            with open(os.path.join(self.path, "model.safetensors.index.json"), "w") as handle:
+                json.dump({"metadata": {}, "weight_map": weight_map}, handle, indent=2)
+        with open(os.path.join(self.path, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True)
+        if side_files_from:
+            copy_side_files(side_files_from, self.path)
+
+
+def copy_side_files(src: str, dst: str) -> bool:
+    """Copy tokenizer and generation files from ``src`` to ``dst``; True if a tokenizer was
+    among them."""
+    copied = []
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return any(name in TOKENIZER_FILES for name in copied)

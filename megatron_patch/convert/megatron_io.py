@@ -1,0 +1,176 @@
+"""Megatron-LM's ``torch`` checkpoint layout, plus megatron_patch's metadata::
+
+    <root>/latest_checkpointed_iteration.txt          "release" or an iteration number
+    <root>/megatron_patch.json                         family, model args, vocab, HF config
+    <root>/tokenizer/                                  the HF tokenizer files, when known
+    <root>/<release|iter_0000100>/mp_rank_TT[_PPP]/model_optim_rng.pt
+
+``mp_rank_TT`` without ``_PPP`` when pipeline parallelism is 1, as Megatron-LM writes it. Each
+``model_optim_rng.pt`` holds ``model`` (the stage's state dict, layers numbered locally),
+``checkpoint_version``, ``iteration``, ``args`` (an argparse.Namespace Megatron-LM reads with
+``--use-checkpoint-args``) and ``megatron_patch`` (the metadata).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+import torch
+
+from megatron_patch.convert.io_utils import CheckpointError, require_dir
+from megatron_patch.convert.sharding import merge_tensors
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "megatron_patch.json"
+MODEL_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def iteration_dir_name(iteration) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
+
+
+def megatron_lm_args(meta: dict) -> argparse.Namespace:
+    """The ``args`` Megatron-LM stores in its checkpoints, for ``--use-checkpoint-args``."""
+    m = meta["model_args"]
+    return argparse.Namespace(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
+        group_query_attention=m["num_query_groups"] != m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
+        max_position_embeddings=m["max_position_embeddings"], norm_epsilon=m["norm_epsilon"],
+        rotary_base=m["rotary_base"], padded_vocab_size=meta["padded_vocab_size"],
+        make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"],
+        untie_embeddings_and_output_weights=not m["tie_embeddings"],
+        tensor_model_parallel_size=meta["tensor_model_parallel_size"],
+        pipeline_model_parallel_size=meta["pipeline_model_parallel_size"],
+        position_embedding_type="rope", use_rotary_position_embeddings=True,
+        normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+    )
+
+
+def write_metadata(root: str, meta: dict) -> None:
+    with open(os.path.join(root, METADATA), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2, sort_keys=True)
+
+
+def read_metadata(root: str) -> dict | None:
+    path = os.path.join(root, METADATA)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_tracker(root: str, iteration) -> None:
+    """Point ``latest_checkpointed_iteration.txt`` at ``iteration`` (atomic rename)."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(str(iteration))
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def save_rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int, payload: dict):
+    """Write one rank's ``model_optim_rng.pt`` (temporary name, then rename)."""
+    rank_dir = os.path.join(iter_dir, rank_dir_name(tp_rank, pp_rank, pp_size))
+    os.makedirs(rank_dir, exist_ok=True)
+    final = os.path.join(rank_dir, MODEL_FILE)
+    torch.save(payload, final + ".tmp")
+    os.replace(final + ".tmp", final)
+
+
+def is_torch_dist(iter_dir: str) -> bool:
+    """A megatron-core distributed checkpoint keeps a .metadata file per iteration."""
+    return os.path.isfile(os.path.join(iter_dir, ".metadata"))
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """``path`` is a checkpoint root or one of its iteration directories -> (root, iter dir)."""
+    require_dir(path, "Megatron checkpoint")
+    if os.path.isfile(os.path.join(path, TRACKER)):
+        with open(os.path.join(path, TRACKER)) as handle:
+            iteration = handle.read().strip()
+        iter_dir = os.path.join(path, iteration_dir_name(iteration if iteration == "release"
+                                                          else int(iteration)))
+        if not os.path.isdir(iter_dir):
+            raise CheckpointError(f"{path}/{TRACKER} names '{iteration}' but {iter_dir} is "
+                                  f"missing")
+        return path, iter_dir
+    names = os.listdir(path)
+    if ".metadata" in names or any(_RANK_DIR.match(name) for name in names):
+        return os.path.dirname(os.path.abspath(path)), path
+    raise CheckpointError(f"{path}: not a Megatron checkpoint (no {TRACKER} and no mp_rank_* "
+                          f"directories)")
+
+
+class MegatronReader:
+    """Full (TP-merged) tensors of a ``torch``-format Megatron checkpoint, by global name.
+
+    Rank files are memory-mapped and opened when first needed; remembers which keys were read.
+    """
+
+    def __init__(self, path: str):
+        self.root, self.iter_dir = resolve_checkpoint(path)
+        ranks = [_RANK_DIR.match(n) for n in sorted(os.listdir(self.iter_dir))]
+        ranks = [(int(m.group(1)), int(m.group(2) or 0)) for m in ranks if m]
+        self.tp = max(t for t, _ in ranks) + 1
+        self.pp = max(p for _, p in ranks) + 1
+        if len(ranks) != self.tp * self.pp:
+            raise CheckpointError(f"{self.iter_dir}: expected {self.tp * self.pp} mp_rank "
+                                  f"directories for TP={self.tp} PP={self.pp}, found {len(ranks)}")
+        self._files: dict[tuple[int, int], dict] = {}
+        self.consumed: set[tuple[int, str]] = set()
+        first = self._load(0, 0)
+        self.meta = read_metadata(self.root) or first.get("megatron_patch")
+        self.args = first.get("args")
+        self.iteration = first.get("iteration", 0)
+
+    def _load(self, tp_rank: int, pp_rank: int) -> dict:
+        key = (tp_rank, pp_rank)
+        if key not in self._files:
+            path = os.path.join(self.iter_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"missing {path}")
+            # weights_only=False: Megatron-LM stores an argparse.Namespace under "args".
+            self._files[key] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return self._files[key]
+
+    def stage_keys(self, pp_rank: int) -> list[str]:
+        return [k for k in self._load(0, pp_rank)["model"] if not k.endswith("_extra_state")]
+
+    def get(self, name: str, stage: str, split, layers_per_stage: int) -> torch.Tensor:
+        """Tensor ``name`` (global layer numbering) merged over tensor-parallel ranks."""
+        pp_rank, local = self._locate(name, stage, layers_per_stage)
+        pieces = []
+        for tp_rank in range(self.tp):
+            state = self._load(tp_rank, pp_rank)["model"]
+            if local not in state:
+                raise CheckpointError(f"{self.iter_dir}: {rank_dir_name(tp_rank, pp_rank, self.pp)}"
+                                      f" has no tensor '{local}'")
+            pieces.append(state[local])
+        self.consumed.add((pp_rank, local))
+        return merge_tensors(pieces, split)
+
+    def _locate(self, name: str, stage: str, layers_per_stage: int) -> tuple[int, str]:
+        if stage == "first":
+            return 0, name
+        if stage == "last":
+            return self.pp - 1, name
+        layer = int(_LAYER.match(name).group(1))
+        pp_rank, local = divmod(layer, layers_per_stage)
+        return pp_rank, _LAYER.sub(f"decoder.layers.{local}.", name, count=1)
+
+    def unconsumed(self) -> list[str]:
+        left = []
+        for pp_rank in range(self.pp):
+            left += [f"{rank_dir_name(0, pp_rank, self.pp)}:{k}" for k in self.stage_keys(pp_rank)
+                     if (pp_rank, k) not in self.consumed]
+        return left

@@ -1,0 +1,45 @@
+"""Load a converted (or trained) Megatron checkpoint into a live megatron-core model, at any
+tensor/pipeline layout: each rank takes its slice of every full tensor through the same
+mapping table and sharding rules the converter uses."""
+from __future__ import annotations
+
+import torch
+
+from megatron_patch.convert.engine import dims_for, megatron_fetcher, open_megatron, stage_bindings
+from megatron_patch.convert.io_utils import CheckpointError
+from megatron_patch.convert.sharding import split_tensor
+from megatron_patch.tokenizers.vocab import padded_vocab_size
+
+
+def runtime_padded_vocab(meta: dict, tensor_parallel: int) -> int:
+    """Embedding rows for a model built at ``tensor_parallel`` from this checkpoint."""
+    return max(meta["padded_vocab_size"], padded_vocab_size(
+        meta["model_args"]["vocab_size"], meta["make_vocab_size_divisible_by"], tensor_parallel,
+        meta["extra_vocab_size"]))
+
+
+@torch.no_grad()
+def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int, pp_rank: int,
+                       pp: int, reader_bundle=None) -> dict:
+    """Copy this rank's slice of every tensor of checkpoint ``load`` into ``model`` (one
+    pipeline stage, unwrapped GPTModel). Returns the checkpoint's metadata."""
+    reader, family, args, meta = reader_bundle or open_megatron(load)
+    fetch_hf = megatron_fetcher(reader, family, args, meta)
+    dims = dims_for(args, runtime_padded_vocab(meta, tp))
+    state = model.state_dict(keep_vars=True)
+    expected = {k for k in state if not k.endswith("_extra_state")}
+    for binding in stage_bindings(family, args, pp, pp_rank):
+        if binding.megatron_local not in state:
+            raise CheckpointError(f"{load}: model has no parameter '{binding.megatron_local}'")
+        full = binding.row.op.to_megatron(fetch_hf(binding), dims)
+        piece = split_tensor(full, binding.row.tp, tp)[tp_rank]
+        target = state[binding.megatron_local]
+        if target.shape != piece.shape:
+            raise CheckpointError(f"{load}: '{binding.megatron_local}' has shape "
+                                  f"{tuple(piece.shape)} in the checkpoint, {tuple(target.shape)} "
+                                  f"in the model")
+        target.copy_(piece)
+        expected.discard(binding.megatron_local)
+    if expected:
+        raise CheckpointError(f"{load}: no weights for {sorted(expected)}")
+    return meta

@@ -1,0 +1,1 @@
+"""Model family declarations (one file each) and the megatron-core model builder."""

@@ -1,0 +1,120 @@
+"""What a family is: a declaration (HF config field table, fixed architecture values, sizes,
+tokenizer name, weight-mapping table) plus hooks only where a family really differs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+
+@dataclass
+class ModelArgs:
+    """The shape of one model, in megatron-core's vocabulary (one typed config for the model)."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int] = None   # None: multi-head attention
+    kv_channels: Optional[int] = None        # None: hidden_size / num_attention_heads
+    vocab_size: int = 32000                  # the tokenizer's true vocabulary
+    max_position_embeddings: int = 2048
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None   # Llama-3.1 style scaling when set
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate_parallel(self, tensor_parallel: int, pipeline_parallel: int,
+                          flag_prefix: str = "--") -> None:
+        """Refuse layouts megatron-core cannot build, naming the flag (the converter's flags
+        are ``--target-...``)."""
+        tp_flag = f"{flag_prefix}tensor-model-parallel-size"
+        pp_flag = f"{flag_prefix}pipeline-model-parallel-size"
+        for what, count in (("attention heads", self.num_attention_heads),
+                            ("query groups (num_key_value_heads)", self.num_query_groups)):
+            if count % tensor_parallel:
+                raise ValueError(f"{tp_flag} {tensor_parallel} does not divide the {count} {what}")
+        if self.ffn_hidden_size % tensor_parallel:
+            raise ValueError(f"{tp_flag} {tensor_parallel} does not divide ffn_hidden_size "
+                             f"{self.ffn_hidden_size}")
+        if pipeline_parallel < 1 or self.num_layers % pipeline_parallel:
+            raise ValueError(f"{pp_flag} {pipeline_parallel} does not divide the "
+                             f"{self.num_layers} layers")
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One HF ``config.json`` field <-> one :class:`ModelArgs` field.
+
+    ``default`` is used when the HF field is absent or null: a value, or a function of the HF
+    config dict. Without a default the field is required."""
+
+    hf: str
+    megatron: str
+    default: Any = _REQUIRED
+
+    def read(self, hf_config: dict, path: str) -> Any:
+        value = hf_config.get(self.hf)
+        if value is not None:
+            return value
+        if self.default is _REQUIRED:
+            raise ValueError(f"{path}: config.json has no '{self.hf}'")
+        return self.default(hf_config) if callable(self.default) else self.default
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family declaration. See ``families/llama.py`` for the reference one."""
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    hf_architecture: str
+    tokenizer: str                         # the seed's tokenizer name (megatron_patch.tokenizers)
+    config_fields: tuple[ConfigField, ...]
+    architecture: dict                     # fixed TransformerConfig / GPTModel values
+    hf_fixed: dict                         # fixed config.json values written on the way back
+    sizes: dict[str, dict]                 # MODEL_SIZE -> ModelArgs fields
+    weights: Callable[["ModelArgs"], list]  # ModelArgs -> weight-mapping rows
+    # Hooks for what a field table cannot say (special fields, refusals).
+    read_extra: Callable[[dict, str], dict] = field(default=lambda cfg, path: {})
+    write_extra: Callable[["ModelArgs"], dict] = field(default=lambda args: {})
+    layer_spec: Optional[Callable] = None  # (ModelArgs, TransformerConfig) -> ModuleSpec
+
+    def args_from_hf(self, hf_config: dict, path: str = "config.json") -> ModelArgs:
+        """HF config.json dict -> ModelArgs (raises ValueError naming the file and field)."""
+        values = {f.megatron: f.read(hf_config, path) for f in self.config_fields}
+        values.update(self.read_extra(hf_config, path))
+        return ModelArgs(family=self.name, **values)
+
+    def hf_config_from_args(self, args: ModelArgs) -> dict:
+        """ModelArgs -> a config.json dict that transformers loads as this family."""
+        config = {"architectures": [self.hf_architecture], "model_type": self.hf_model_types[0]}
+        config.update(self.hf_fixed)
+        config.update({f.hf: getattr(args, f.megatron) for f in self.config_fields})
+        config.update(self.write_extra(args))
+        return config
+
+    def args_for_size(self, size: str, **overrides) -> ModelArgs:
+        """A row of the sizes table (``--model-size``), with overrides."""
+        if size not in self.sizes:
+            raise ValueError(f"unknown MODEL_SIZE '{size}' for {self.name}; "
+                             f"choose one of: {', '.join(self.sizes)}")
+        return ModelArgs(family=self.name, **{**self.sizes[size], **overrides})

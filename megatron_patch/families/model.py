@@ -1,0 +1,93 @@
+"""Build megatron-core's TransformerConfig, layer spec and GPTModel for a family's ModelArgs."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from megatron_patch import compat
+from megatron_patch.families.base import Family, ModelArgs
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+
+
+def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int = 1,
+                       pipeline_parallel: int = 1, precision: str = "fp32", **overrides):
+    """megatron-core ``TransformerConfig`` for one model and parallel layout.
+
+    ``overrides`` are TransformerConfig fields (dropout, recompute, sequence_parallel, ...).
+    Dropout defaults to 0, as in the HF families (Llama has none)."""
+    compat.require_megatron_core()
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch = family.architecture
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    fields = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        layernorm_epsilon=args.norm_epsilon,
+        normalization=arch["normalization"],
+        gated_linear_unit=arch["gated_linear_unit"],
+        activation_func=_ACTIVATIONS[arch["activation"]],
+        add_bias_linear=arch["add_bias_linear"],
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # Initialise the full weight on the CPU, then scatter: the same model whatever the TP.
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa"):
+    """The family's layer spec: megatron-core's local spec, core attention through torch SDPA
+    (``attention="local"`` keeps megatron-core's unfused DotProductAttention)."""
+    if family.layer_spec is not None:
+        return family.layer_spec(args, config)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    if attention == "sdpa":
+        from megatron_patch.layers.sdpa_attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "local":
+        raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
+    return spec
+
+
+def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: int,
+                    pre_process: bool = True, post_process: bool = True,
+                    attention: str = "sdpa"):
+    """megatron-core ``GPTModel`` for one pipeline stage."""
+    from megatron.core.models.gpt import GPTModel
+
+    arch = family.architecture
+    factor = args.rope_scaling_factor
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(family, args, config, attention),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=args.tie_embeddings,
+        position_embedding_type=arch["position_embedding_type"],
+        rotary_base=args.rotary_base,
+        rope_scaling=factor is not None,
+        rope_scaling_factor=factor or 8.0,
+    )

@@ -1,0 +1,28 @@
+"""The families megatron_patch knows, looked up by name or by HF ``model_type``."""
+from __future__ import annotations
+
+from megatron_patch.families.base import Family
+from megatron_patch.families.llama import LLAMA
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA,)}
+
+# The seed's six families; those not registered yet are refused with this note.
+PLANNED = ("bloom", "falcon", "galactica", "chatglm", "glm130b")
+
+
+def get_family(name: str) -> Family:
+    """Family by its name (``--model-family``)."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    hint = f" ('{name}' is planned but not implemented yet)" if name in PLANNED else ""
+    raise ValueError(f"unknown model family '{name}'{hint}; available: {', '.join(FAMILIES)}")
+
+
+def family_for_model_type(model_type: str) -> Family:
+    """Family whose HF ``model_type`` (config.json) is exactly ``model_type``."""
+    for family in FAMILIES.values():
+        if model_type in family.hf_model_types:
+            return family
+    raise ValueError(f"no registered family has HF model_type '{model_type}'; registered: "
+                     + ", ".join(f"{f.name} ({'/'.join(f.hf_model_types)})"
+                                 for f in FAMILIES.values()))

@@ -1,0 +1,70 @@
+"""Run under torchrun: load a converted Megatron checkpoint at --tp/--pp and compare its
+logits with HF transformers' on the original HF checkpoint. Prints max_abs_diff per rank that
+holds logits; exits 1 when it exceeds --tolerance."""
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch import compat
+
+
+def megatron_logits(mg_path, tp, pp, ids, attention):
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.convert.engine import open_megatron
+    from megatron_patch.convert.model_io import load_model_weights, runtime_padded_vocab
+    from megatron_patch.families.model import build_gpt_model, transformer_config
+
+    bundle = open_megatron(mg_path)
+    _, family, args, meta = bundle
+    config = transformer_config(family, args, tensor_parallel=tp, pipeline_parallel=pp)
+    stage, first, last = ps.get_pipeline_model_parallel_rank(), ps.is_pipeline_first_stage(), \
+        ps.is_pipeline_last_stage()
+    model = build_gpt_model(family, args, config, runtime_padded_vocab(meta, tp), first, last,
+                            attention=attention)
+    load_model_weights(model, mg_path, ps.get_tensor_model_parallel_rank(), tp, stage, pp, bundle)
+    model.eval()
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        if not first:
+            hidden = torch.empty(ids.shape[1], ids.shape[0], args.hidden_size)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+        out = model(ids, positions, None, runtime_gather_output=True)
+        if not last:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None, args
+    return out[..., : args.vocab_size], args
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--mg", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    opts = parser.parse_args()
+    compat.initialize_parallel(opts.tp, opts.pp)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (2, 24))
+    logits, args = megatron_logits(opts.mg, opts.tp, opts.pp, ids, opts.attention)
+    code = 0
+    if logits is not None:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(opts.hf, dtype=torch.float32).eval()
+        with torch.no_grad():
+            reference = hf(ids).logits
+        diff = (logits - reference).abs().max().item()
+        print(f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", flush=True)
+        code = int(diff > opts.tolerance)
+    compat.destroy_parallel()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""HF <-> Megatron conversion: lossless round trips, resharding, logits against HF transformers,
+and clear errors. Tiny random Llamas are built here; nothing is downloaded."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import REPO, run_python, run_torchrun, save_tiny_llama
+from megatron_patch.convert import engine
+from megatron_patch.convert.__main__ import main as convert_main
+from megatron_patch.convert.hf_io import HFReader
+
+CONFIGS = {
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+}
+LLAMA3_ROPE = dict(rope_theta=500000.0, max_position_embeddings=8192,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+
+
+def hf_tensors(path):
+    """All tensors of an HF directory (single or sharded safetensors)."""
+    tensors = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, name)))
+    return tensors
+
+
+def assert_bit_identical(a_dir, b_dir):
+    a, b = hf_tensors(a_dir), hf_tensors(b_dir)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def hf_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param) / "hf"
+    return request.param, str(save_tiny_llama(str(path), **CONFIGS[request.param]))
+
+
+def to_megatron(hf_dir, out, tp=1, pp=1, **target):
+    return engine.convert_hf_to_megatron(
+        hf_dir, str(out), target=engine.Target(tp, pp, **target), progress=False)
+
+
+def test_round_trip_tp2_pp2_is_bit_identical_and_reads_each_tensor_once(hf_model, tmp_path,
+                                                                        monkeypatch):
+    name, hf_dir = hf_model
+    readers = []
+    monkeypatch.setattr(engine, "HFReader", lambda p: readers.append(HFReader(p)) or readers[-1])
+    to_megatron(hf_dir, tmp_path / "mg", tp=2, pp=2)
+    reads = readers[0].reads
+    assert set(reads) == set(hf_tensors(hf_dir))
+    # With tied embeddings and PP > 1 the last stage gets its own copy of the embedding.
+    twice = {"model.embed_tokens.weight"} if CONFIGS[name].get("tie_word_embeddings") else set()
+    assert {k for k, n in reads.items() if n != 1} == twice
+    assert sorted(os.listdir(tmp_path / "mg" / "release")) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back")
+    original = json.load(open(os.path.join(hf_dir, "config.json")))
+    assert json.load(open(tmp_path / "back" / "config.json")) == original
+
+
+def test_reshard_tp2_to_tp1_then_hf_is_bit_identical(hf_model, tmp_path):
+    _, hf_dir = hf_model
+    to_megatron(hf_dir, tmp_path / "tp2", tp=2)
+    engine.reshard_megatron(str(tmp_path / "tp2"), str(tmp_path / "tp1"), engine.Target(1, 1),
+                            progress=False)
+    assert os.listdir(tmp_path / "tp1" / "release") == ["mp_rank_00"]
+    engine.convert_megatron_to_hf(str(tmp_path / "tp1" / "release"), str(tmp_path / "back"),
+                                  progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back")
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_logits_match_hf(hf_model, tmp_path, tp, pp):
+    _, hf_dir = hf_model
+    to_megatron(hf_dir, tmp_path / "mg", tp=tp, pp=pp)
+    args = ["tests/dist/check_logits.py", "--hf", hf_dir, "--mg", str(tmp_path / "mg"),
+            "--tp", str(tp), "--pp", str(pp), "--tolerance", "1e-4"]
+    proc = run_torchrun(args, nproc=tp * pp) if tp * pp > 1 else run_python(args)
+    diffs = [float(line.split("=")[1]) for line in proc.stdout.splitlines()
+             if "max_abs_diff" in line]
+    assert len(diffs) == tp  # every TP rank of the last stage compared its logits
+    assert max(diffs) <= 1e-4
+
+
+def test_llama3_rope_scaling_logits_match_hf(tmp_path):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), **LLAMA3_ROPE)
+    meta = to_megatron(hf_dir, tmp_path / "mg")
+    assert meta["model_args"]["rope_scaling_factor"] == 8.0
+    proc = run_python(["tests/dist/check_logits.py", "--hf", hf_dir, "--mg",
+                       str(tmp_path / "mg")])
+    assert "max_abs_diff" in proc.stdout
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), rope_scaling={"rope_type": "linear",
+                                                                 "factor": 2.0})
+    with pytest.raises(ValueError, match="rope scaling type 'linear' is not supported"):
+        to_megatron(hf_dir, tmp_path / "mg")
+    assert not (tmp_path / "mg").exists()
+
+
+def test_extra_vocab_rows_are_zero_and_dropped_on_the_way_back(tmp_path):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), vocab_size=250)
+    meta = to_megatron(hf_dir, tmp_path / "mg", tp=2, extra_vocab_size=20,
+                       make_vocab_size_divisible_by=16)
+    assert meta["padded_vocab_size"] == 288  # 250 + 20 rounded up to a multiple of 16 x 2
+    shard = torch.load(tmp_path / "mg" / "release" / "mp_rank_01" / "model_optim_rng.pt",
+                       weights_only=False)["model"]["embedding.word_embeddings.weight"]
+    assert shard.shape[0] == 144 and torch.count_nonzero(shard[250 - 144:]) == 0
+    engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back")
+
+
+def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_llama(str(hf_dir))
+    tensors = {k: v.to(torch.bfloat16) for k, v in hf_tensors(hf_dir).items()}
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    to_megatron(str(hf_dir), tmp_path / "mg", pp=2)
+    engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back")
+
+
+def test_torch_dist_round_trip_and_reshard(tmp_path):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), num_key_value_heads=2)
+    cli = ["-m", "megatron_patch.convert", "--no-progress"]
+    run_python(cli + ["--load", hf_dir, "--save", str(tmp_path / "dist"), "--ckpt-format",
+                      "torch_dist"])
+    assert os.path.isfile(tmp_path / "dist" / "release" / ".metadata")
+    run_python(cli + ["--load", str(tmp_path / "dist"), "--save", str(tmp_path / "back"),
+                      "--megatron-to-hf"])
+    assert_bit_identical(hf_dir, tmp_path / "back")
+    run_python(cli + ["--load", str(tmp_path / "dist"), "--save", str(tmp_path / "tp2"),
+                      "--target-tensor-model-parallel-size", "2"])
+    engine.convert_megatron_to_hf(str(tmp_path / "tp2"), str(tmp_path / "back2"), progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back2")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error(capsys, argv):
+    assert convert_main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_missing_and_empty_directories(tmp_path, capsys):
+    err = _error(capsys, ["--load", str(tmp_path / "nope"), "--save", str(tmp_path / "out")])
+    assert "does not exist" in err and "nope" in err
+    (tmp_path / "empty").mkdir()
+    err = _error(capsys, ["--load", str(tmp_path / "empty"), "--save", str(tmp_path / "out"),
+                          "--megatron-to-hf"])
+    assert "is empty" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_family_and_mismatched_family(hf_model, tmp_path, capsys):
+    _, hf_dir = hf_model
+    out = str(tmp_path / "out")
+    assert "unknown model family 'gpt9'" in _error(
+        capsys, ["--load", hf_dir, "--save", out, "--model-family", "gpt9"])
+    err = _error(capsys, ["--load", hf_dir, "--save", out, "--model-family", "bloom"])
+    assert "planned but not implemented" in err
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    other = tmp_path / "other"
+    other.mkdir()
+    json.dump({**config, "model_type": "mistral"}, open(other / "config.json", "w"))
+    err = _error(capsys, ["--load", str(other), "--save", out, "--model-family", "llama"])
+    assert "does not match" in err and "mistral" in err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--target-tensor-model-parallel-size", "3", "does not divide the 4 attention heads"),
+    ("--target-tensor-model-parallel-size", "4", "does not divide the 2 query groups"),
+    ("--target-pipeline-model-parallel-size", "3", "does not divide the 2 layers"),
+])
+def test_layouts_that_do_not_divide_are_refused(tmp_path, capsys, flag, value, message):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), num_key_value_heads=2)
+    err = _error(capsys, ["--load", hf_dir, "--save", str(tmp_path / "out"), flag, value])
+    assert message in err and flag in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_missing_from_the_hf_checkpoint_leaves_no_output(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    save_tiny_llama(str(hf_dir))
+    tensors = hf_tensors(hf_dir)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out"),
+                          "--target-pipeline-model-parallel-size", "2"])
+    assert "model.layers.1.mlp.up_proj.weight" in err and "missing" in err
+    assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["hf"]
+
+
+def test_an_unmapped_hf_tensor_is_an_error(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    save_tiny_llama(str(hf_dir))
+    tensors = hf_tensors(hf_dir)
+    tensors["model.layers.0.self_attn.rotary.extra"] = torch.zeros(3)
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out")])
+    assert "not covered by the weight mapping" in err and "rotary.extra" in err
+
+
+def test_existing_output_needs_overwrite(hf_model, tmp_path, capsys):
+    _, hf_dir = hf_model
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    assert "--overwrite" in _error(capsys, ["--load", hf_dir, "--save", str(tmp_path / "out")])
+    assert convert_main(["--load", hf_dir, "--save", str(tmp_path / "out"), "--overwrite",
+                         "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- seed wrapper
+
+WRAPPER = os.path.join(REPO, "toolkits/model_checkpoints_convertor/llama/"
+                             "model_convertor_huggingface_megatron.sh")
+
+
+def test_seed_wrapper_round_trip(hf_model, tmp_path):
+    import subprocess
+
+    _, hf_dir = hf_model
+    mg, back = str(tmp_path / "mg"), str(tmp_path / "back")
+    for args in ([hf_dir, mg, "2", "1", "false"], [mg + "/release", back, "1", "1", "true"]):
+        proc = subprocess.run(["bash", WRAPPER, "none", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert_bit_identical(hf_dir, back)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["a", "b", "c"], "expected 6 or 7 arguments, got 3"),
+    (["m", "src", "dst", "two", "1", "false"], "TP must be a positive integer"),
+    (["m", "src", "dst", "1", "1", "yes"], "MG2HF must be true or false"),
+])
+def test_seed_wrapper_usage(args, message):
+    import subprocess
+
+    proc = subprocess.run(["bash", WRAPPER, *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "usage: model_convertor_huggingface_megatron.sh" in proc.stderr
+    assert message in proc.stderr
