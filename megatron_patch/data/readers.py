@@ -1,0 +1,143 @@
+"""Find and stream JSON-lines inputs for the data tools.
+
+Inputs are files, directories (searched recursively) and globs, in a deterministic order: each
+argument's matches sorted by path, arguments in the order given. Files may be plain, gzip or
+zstd (detected from their first bytes, so ``xaa.zst`` from the seed's ``split`` + ``zstd`` works);
+they are read as blocks of whole lines, so memory does not grow with the file.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+# Directory members taken as inputs; an explicit file path may have any name.
+INPUT_SUFFIXES = (".jsonl", ".json", ".zst", ".gz")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class InputError(ValueError):
+    """An input that cannot be read: named by path (and line where there is one)."""
+
+
+class _CorruptStream(ValueError):
+    """Compressed data that does not decode (raised without the path, which the caller adds)."""
+
+
+@dataclass
+class Chunk:
+    """Whole lines of one input file."""
+
+    path: str
+    first_line: int  # 1-based number of the first line in ``data``
+    data: bytes
+    input_bytes_done: int  # on-disk bytes of all inputs read so far (for progress / ETA)
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[str]:
+    """Files named by ``patterns`` (files, directories, globs); an InputError if one matches
+    nothing or nothing at all is found."""
+    paths: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+        else:
+            matches = [pattern] if os.path.exists(pattern) else []
+        if not matches:
+            raise InputError(f"--input {pattern!r}: no such file, directory or glob match")
+        for match in matches:
+            paths.extend(_directory_files(match) if os.path.isdir(match) else [match])
+    unique = list(dict.fromkeys(paths))  # a file named twice is read once
+    if not unique:
+        raise InputError(f"--input {' '.join(patterns)}: no input files (directories are "
+                         f"searched for {', '.join(INPUT_SUFFIXES)})")
+    return unique
+
+
+def _directory_files(directory: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, name) for name in files
+                  if name.endswith(INPUT_SUFFIXES) and not name.startswith(".")]
+    return sorted(found)
+
+
+def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
+    """Blocks of about ``chunk_bytes`` whole lines from each file in turn (decompressed).
+
+    A truncated or corrupt compressed file raises InputError naming the file and the last line
+    read intact.
+    """
+    done = 0
+    for path in paths:
+        line = 1
+        with open(path, "rb") as raw:
+            try:
+                for data in _line_blocks(raw, chunk_bytes):
+                    yield Chunk(path, line, data, done + raw.tell())
+                    line += data.count(b"\n")
+            except (EOFError, OSError, zlib.error, _CorruptStream) as err:
+                raise InputError(f"{path}: corrupt or truncated input after line {line - 1} "
+                                 f"({err})") from err
+            except InputError as err:
+                raise InputError(f"{path}: {err}") from err
+        done += os.path.getsize(path)
+
+
+def _line_blocks(raw, size: int) -> Iterator[bytes]:
+    rest = b""
+    first = True
+    for block in _decoded_blocks(raw, size):
+        if first and block.lstrip()[:1] == b"[":
+            raise InputError("this is a JSON array; expected one JSON object per line "
+                             "(JSON lines, Megatron-LM's 'loose json')")
+        first = False
+        block = rest + block
+        cut = block.rfind(b"\n") + 1
+        if cut:
+            yield block[:cut]
+        rest = block[cut:]
+    if rest:
+        yield rest
+
+
+def _decoded_blocks(raw, size: int) -> Iterator[bytes]:
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic.startswith(_GZIP_MAGIC):
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        while block := stream.read(size):
+            yield block
+    elif magic == _ZSTD_MAGIC:
+        yield from _zstd_blocks(raw, size)
+    else:
+        while block := raw.read(size):
+            yield block
+
+
+def _zstd_blocks(raw, size: int) -> Iterator[bytes]:
+    # zstandard's stream_reader ends quietly at a truncated frame; a decompressobj per frame
+    # tells a complete frame (``eof``) from a cut one. Several frames (pzstd, cat) are allowed.
+    import zstandard
+
+    context = zstandard.ZstdDecompressor()
+    frame, inside = context.decompressobj(), False
+    while data := raw.read(max(size // 4, 1 << 16)):
+        while data:
+            if frame.eof:
+                frame = context.decompressobj()
+            try:
+                out = frame.decompress(data)
+            except zstandard.ZstdError as err:
+                raise _CorruptStream(f"corrupt zstd data: {err}") from err
+            inside = not frame.eof
+            data = frame.unused_data if frame.eof else b""
+            if out:
+                yield out
+    if inside:
+        raise _CorruptStream("truncated zstd stream (the last frame is incomplete)")
