@@ -213,6 +213,21 @@ def megatron_fetcher(reader, family, args, meta):
     return fetch_hf
 
 
+def megatron_full_fetcher(reader, family, args, meta, padded_vocab: int):
+    """``fetch(binding) -> full Megatron tensor`` padded to ``padded_vocab`` rows. With the
+    checkpoint's own padding the tensor is taken as stored: trained padding rows of the output
+    layer survive resharding and resuming."""
+    src_dims, dst_dims = dims_for(args, meta["padded_vocab_size"]), dims_for(args, padded_vocab)
+    per_stage = args.num_layers // reader.pp
+
+    def fetch(binding):
+        full = reader.get(binding.megatron_global, binding.row.stage, binding.row.tp, per_stage)
+        if src_dims == dst_dims:
+            return full
+        return binding.row.op.to_megatron(binding.row.op.to_hf(full, src_dims), dst_dims)
+    return fetch
+
+
 def _consume_tied_output(reader, args) -> None:
     """With tied embeddings and PP > 1 the last stage's output_layer copy is not needed."""
     if args.tie_embeddings and reader.pp > 1:
@@ -253,15 +268,13 @@ def reshard_megatron(load: str, save: str, target: Target, family_name: str | No
                      progress: bool = True, overwrite: bool = False) -> dict:
     """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding)."""
     reader, family, args, src_meta = open_megatron(load, family_name)
-    fetch_hf = megatron_fetcher(reader, family, args, src_meta)
     with atomic_directory(save, overwrite) as root:
         tokenizer_src = os.path.join(reader.root, TOKENIZER_DIR)
         has_tokenizer = os.path.isdir(tokenizer_src) and copy_side_files(
             tokenizer_src, _mkdir(os.path.join(root, TOKENIZER_DIR)))
         meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
         meta["dtype"] = src_meta.get("dtype", "float32")
-        dims = dims_for(args, meta["padded_vocab_size"])
-        fetch = lambda b: b.row.op.to_megatron(fetch_hf(b), dims)  # noqa: E731
+        fetch = megatron_full_fetcher(reader, family, args, src_meta, meta["padded_vocab_size"])
         _write_checkpoint(family, args, meta, fetch, root, progress)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)

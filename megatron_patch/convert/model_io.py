@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patch.convert.engine import dims_for, megatron_fetcher, open_megatron, stage_bindings
+from megatron_patch.convert.engine import megatron_full_fetcher, open_megatron, stage_bindings
 from megatron_patch.convert.io_utils import CheckpointError
 from megatron_patch.convert.sharding import split_tensor
 from megatron_patch.tokenizers.vocab import padded_vocab_size
@@ -24,15 +24,13 @@ def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int,
     """Copy this rank's slice of every tensor of checkpoint ``load`` into ``model`` (one
     pipeline stage, unwrapped GPTModel). Returns the checkpoint's metadata."""
     reader, family, args, meta = reader_bundle or open_megatron(load)
-    fetch_hf = megatron_fetcher(reader, family, args, meta)
-    dims = dims_for(args, runtime_padded_vocab(meta, tp))
+    fetch = megatron_full_fetcher(reader, family, args, meta, runtime_padded_vocab(meta, tp))
     state = model.state_dict(keep_vars=True)
     expected = {k for k in state if not k.endswith("_extra_state")}
     for binding in stage_bindings(family, args, pp, pp_rank):
         if binding.megatron_local not in state:
             raise CheckpointError(f"{load}: model has no parameter '{binding.megatron_local}'")
-        full = binding.row.op.to_megatron(fetch_hf(binding), dims)
-        piece = split_tensor(full, binding.row.tp, tp)[tp_rank]
+        piece = split_tensor(fetch(binding), binding.row.tp, tp)[tp_rank]
         target = state[binding.megatron_local]
         if target.shape != piece.shape:
             raise CheckpointError(f"{load}: '{binding.megatron_local}' has shape "

@@ -54,13 +54,18 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
 
 
 def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa"):
-    """The family's layer spec: megatron-core's local spec, core attention through torch SDPA
-    (``attention="local"`` keeps megatron-core's unfused DotProductAttention)."""
+    """The family's transformer-layer spec: megatron-core's local spec with core attention
+    through torch SDPA (``attention="local"`` keeps megatron-core's unfused
+    DotProductAttention) and norms that support sequence parallelism."""
     if family.layer_spec is not None:
         return family.layer_spec(args, config)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from megatron_patch.layers.norms import Norm
+
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    spec.submodules.input_layernorm = Norm
+    spec.submodules.pre_mlp_layernorm = Norm
     if attention == "sdpa":
         from megatron_patch.layers.sdpa_attention import SDPAttention
 
@@ -68,6 +73,20 @@ def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
     elif attention != "local":
         raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
     return spec
+
+
+def block_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa"):
+    """The decoder block of this pipeline stage: the layer spec repeated, and our final norm."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megatron_patch.layers.norms import Norm
+
+    layer = layer_spec(family, args, config, attention)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=Norm)
 
 
 def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: int,
@@ -80,7 +99,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
     factor = args.rope_scaling_factor
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(family, args, config, attention),
+        transformer_layer_spec=block_spec(family, args, config, attention),
         vocab_size=padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -1,0 +1,125 @@
+"""Training data: megatron-core's GPTDataset (through BlendedMegatronDatasetBuilder) for
+pretraining, megatron_patch's SFTDataset for fine-tuning, and a sampler that starts at the
+number of samples already consumed, so a resumed run sees exactly the batches it would have."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_patch import compat
+
+
+class VocabOnlyTokenizer:
+    """For runs without a tokenizer (mock data): the last id is end-of-document."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.pad = vocab_size - 1
+        self.unique_identifiers = {"class": "VocabOnlyTokenizer", "vocab_size": vocab_size}
+
+
+def parse_blend(data_path: list[str]):
+    """``P`` or ``W1 P1 W2 P2 ...`` -> megatron-core's blend (prefixes, weights or None)."""
+    if len(data_path) == 1:
+        return [data_path[0]], None
+    if len(data_path) % 2:
+        raise ValueError(f"--data-path needs one prefix or weight/prefix pairs, got "
+                         f"{' '.join(data_path)}")
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError as err:
+        raise ValueError(f"--data-path weights must be numbers: {err}") from err
+    return list(data_path[1::2]), weights
+
+
+def _check_prefixes(prefixes):
+    import os
+
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise FileNotFoundError(f"--data-path: {prefix}{ext} not found (build it with "
+                                        f"python -m megatron_patch.data.preprocess)")
+
+
+def build_pretrain_datasets(args, tokenizer, vocab_size: int):
+    """(train, valid, test) GPTDatasets sized for the whole run."""
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    tokenizer = tokenizer or VocabOnlyTokenizer(vocab_size)
+    gbs = args.global_batch_size
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters else 0
+    sizes = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
+    blend = None
+    if not args.mock_data:
+        if not args.data_path:
+            raise ValueError("give --data-path (mmap prefixes) or --mock-data")
+        blend = parse_blend(args.data_path)
+        _check_prefixes(blend[0])
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, split=args.split,
+        path_to_cache=args.data_cache_path, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+        mid_level_dataset_surplus=0.005)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    # Rank 0 builds (and caches) the sample indices first, then the others read them.
+    datasets = None
+    for turn in (True, False):
+        if (dist.get_rank() == 0) == turn:
+            datasets = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
+        dist.barrier()
+    return datasets
+
+
+class MicroBatchSampler:
+    """This data-parallel rank's micro-batches of sample indices, from ``consumed`` on.
+
+    Global batch g covers samples [g*gbs, (g+1)*gbs); each step of ``mbs x dp`` samples is cut
+    into one micro-batch per data-parallel rank, as Megatron-LM's pretraining sampler does.
+    ``order(i)`` maps a running sample number to a dataset index (epochs, shuffling)."""
+
+    def __init__(self, total: int, consumed: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, order=None):
+        self.total, self.consumed = total, consumed
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.order = order or (lambda i: i)
+
+    def __iter__(self):
+        step = self.mbs * self.dp_size
+        start = self.consumed
+        while start + step <= self.total:
+            first = start + self.dp_rank * self.mbs
+            yield [self.order(i) for i in range(first, first + self.mbs)]
+            start += step
+
+
+class EpochOrder:
+    """Sample number -> index of a dataset of ``size`` items, reshuffled every epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, i: int) -> int:
+        epoch, pos = divmod(i, self.size)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.size)
+        return int(self._perm[pos])
+
+
+def micro_batches(dataset, sampler, args, collate=None):
+    """Iterator over micro-batches (dicts of tensors) on this rank's device."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                         num_workers=args.num_workers, collate_fn=collate,
+                                         pin_memory=compat.on_gpu(),
+                                         persistent_workers=args.num_workers > 0)
+    device = compat.device()
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+               for k, v in batch.items()}

@@ -1,0 +1,127 @@
+"""The training loop, made of megatron-core's parts: DDP, its optimizer, the pipeline schedules
+(``get_forward_backward_func``: plain gradient accumulation, or 1F1B under pipeline
+parallelism) and finalize_model_grads."""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch import compat
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of token losses, the number of learned tokens, and both for reporting. The schedule
+    turns this into a per-micro-batch mean, or a global per-token mean with
+    --calculate-per-token-loss."""
+    losses = output.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    total = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch through this pipeline stage (megatron-core's forward_step_func)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def configure_model(chunks, optimizer):
+    """Hook megatron-core's gradient machinery into the model config, as Megatron-LM does."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.timers = None
+    return config
+
+
+def _reduce_loss(losses: list[dict]) -> float:
+    """Token-weighted mean of the micro-batch losses across data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    if not losses:
+        return float("nan")
+    total = torch.stack([x["lm loss"] for x in losses]).sum(dim=0)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_step(args, chunks, optimizer, scheduler, data_iterator):
+    """Forward/backward over all micro-batches, one optimizer step. -> (loss or None,
+    grad norm, skipped)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=False)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=args.global_batch_size)
+    loss = _reduce_loss(losses) if ps.is_pipeline_last_stage() else None
+    return loss, grad_norm, not updated
+
+
+@torch.no_grad()
+def evaluate(args, chunks, make_iterator) -> float | None:
+    """Mean validation loss over --eval-iters global batches (None off the last stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.eval()
+    iterator, losses = make_iterator(), []
+    for _ in range(args.eval_iters):
+        losses += get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterator, model=chunks,
+            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
+    return _reduce_loss(losses) if ps.is_pipeline_last_stage() else None
+
+
+def _synchronize():
+    if compat.on_gpu():
+        torch.cuda.synchronize()
+
+
+def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_valid_iter,
+                 logger, save):
+    """Iterate until --train-iters (or --exit-interval); ``save(iteration, consumed)`` writes a
+    checkpoint. ``state`` holds iteration and consumed_train_samples and is updated."""
+    for chunk in chunks:
+        chunk.train()
+    last_saved = None
+    while state["iteration"] < args.train_iters:
+        start = time.time()
+        loss, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter)
+        _synchronize()
+        state["iteration"] += 1
+        state["consumed_train_samples"] += args.global_batch_size
+        iteration = state["iteration"]
+        logger.record(iteration, time.time() - start, loss, scheduler.get_lr(
+            optimizer.param_groups[0]), grad_norm, optimizer.get_loss_scale().item(), skipped,
+            state["consumed_train_samples"])
+        if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0 \
+                and make_valid_iter is not None:
+            logger.record_validation(iteration, evaluate(args, chunks, make_valid_iter))
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+            last_saved = iteration
+        if args.exit_interval and iteration >= args.exit_interval:
+            break
+    if args.save and last_saved != state["iteration"]:
+        save(state["iteration"])

@@ -1,0 +1,137 @@
+"""Training logs: a Megatron-style line every --log-interval iterations, one JSON object per
+iteration in --metrics-file, and TensorBoard scalars when tensorboard is installed."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from megatron_patch import compat
+
+
+def flops_per_iteration(model_args, batch_size: int, seq_length: int, padded_vocab: int) -> float:
+    """Megatron-LM's ``num_floating_point_operations`` for a dense GPT with grouped-query
+    attention and SwiGLU: forward + backward (x3), two FLOPs per multiply-add (x2), plus the
+    logit layer."""
+    m = model_args
+    expansion = 3 * 2 * 2
+    query_ratio = m.kv_channels * m.num_attention_heads / m.hidden_size
+    attention = (1 + m.num_query_groups / m.num_attention_heads + seq_length / m.hidden_size) \
+        * query_ratio
+    mlp = m.ffn_hidden_size / m.hidden_size * 1.5  # gated linear unit: three matrices
+    logits = padded_vocab / (2 * m.num_layers * m.hidden_size)
+    return (expansion * batch_size * seq_length * m.num_layers * m.hidden_size ** 2
+            * (attention + mlp + logits))
+
+
+def _memory_gib() -> float:
+    if compat.on_gpu():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class TrainingLogger:
+    """Collects per-iteration figures on the rank that reports (the last one)."""
+
+    def __init__(self, args, model_args, padded_vocab: int, world_size: int, reporting: bool):
+        self.args = args
+        self.reporting = reporting
+        self.world_size = world_size
+        self.flops = flops_per_iteration(model_args, args.global_batch_size, args.seq_length,
+                                         padded_vocab)
+        self.window: list[dict] = []
+        self.start = time.time()
+        self.start_iteration = None
+        self.metrics = open(args.metrics_file, "a") if reporting and args.metrics_file else None
+        self.tensorboard = self._tensorboard() if reporting and args.tensorboard_dir else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("[megatron_patch] --tensorboard-dir given but tensorboard is not installed "
+                  "(pip install tensorboard); skipping TensorBoard", file=sys.stderr)
+            return None
+        return SummaryWriter(log_dir=self.args.tensorboard_dir)
+
+    def record(self, iteration: int, seconds: float, loss: float, lr: float, grad_norm,
+               loss_scale: float, skipped: bool, consumed_samples: int) -> None:
+        """One finished iteration."""
+        if self.start_iteration is None:
+            self.start_iteration = iteration - 1
+        tokens = self.args.global_batch_size * self.args.seq_length
+        entry = {"iteration": iteration, "lm_loss": loss, "lr": lr,
+                 "grad_norm": None if grad_norm is None else float(grad_norm),
+                 "loss_scale": loss_scale, "skipped": bool(skipped),
+                 "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples
+                 * self.args.seq_length, "iteration_time_s": seconds,
+                 "tokens_per_sec": tokens / seconds,
+                 "tflops_per_gpu": self.flops / seconds / self.world_size / 1e12,
+                 "memory_gib": _memory_gib()}
+        self.window.append(entry)
+        if not self.reporting:
+            return
+        if self.metrics:
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
+        if self.tensorboard:
+            for key in ("lm_loss", "lr", "grad_norm", "loss_scale", "tokens_per_sec"):
+                if entry[key] is not None:
+                    self.tensorboard.add_scalar(f"train/{key}", entry[key], iteration)
+        if iteration % self.args.log_interval == 0 or iteration == self.args.train_iters:
+            self._print(iteration)
+
+    def _print(self, iteration: int) -> None:
+        w, self.window = self.window, []
+        seconds = sum(e["iteration_time_s"] for e in w) / len(w)
+        losses = [e["lm_loss"] for e in w if not e["skipped"]]
+        norms = [e["grad_norm"] for e in w if e["grad_norm"] is not None]
+        last = w[-1]
+        remaining = (self.args.train_iters - iteration) * seconds
+        line = (f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/"
+                f"{self.args.train_iters:8d} | consumed samples: {last['consumed_samples']:12d}"
+                f" | consumed tokens: {last['consumed_tokens']:14d} | elapsed time per "
+                f"iteration (ms): {seconds * 1000:.1f} | learning rate: {last['lr']:.6E} | "
+                f"global batch size: {self.args.global_batch_size:5d} | lm loss: "
+                f"{(sum(losses) / len(losses)) if losses else float('nan'):.6E} | ")
+        if norms:
+            line += f"grad norm: {sum(norms) / len(norms):.3f} | "
+        line += (f"loss scale: {last['loss_scale']:.1f} | number of skipped iterations: "
+                 f"{sum(e['skipped'] for e in w):3d} | tokens/s: "
+                 f"{self.args.global_batch_size * self.args.seq_length / seconds:.1f} | "
+                 f"throughput per GPU (TFLOP/s/GPU): {self.flops / seconds / self.world_size / 1e12:.2f}"
+                 f" | memory (GiB): {last['memory_gib']:.2f} | ETA: {_duration(remaining)}")
+        print(line, flush=True)
+
+    def record_validation(self, iteration: int, loss: float) -> None:
+        if not self.reporting:
+            return
+        import math
+
+        print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+              f"lm loss PPL: {math.exp(min(loss, 50)):.6E}", flush=True)
+        if self.metrics:
+            self.metrics.write(json.dumps({"iteration": iteration, "valid_lm_loss": loss}) + "\n")
+            self.metrics.flush()
+        if self.tensorboard:
+            self.tensorboard.add_scalar("valid/lm_loss", loss, iteration)
+
+    def close(self) -> None:
+        for handle in (self.metrics, self.tensorboard):
+            if handle:
+                handle.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def ensure_parent(path: str | None) -> None:
+    if path and os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,0 +1,96 @@
+"""One training run, shared by ``python -m megatron_patch.pretrain`` and ``finetune``: set up
+parallelism, plan and build the model, load, train, save. The two entry points differ only in
+their data (``data_provider``)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch import compat
+from megatron_patch.training import arguments, checkpointing, model_setup
+from megatron_patch.training.loop import configure_model, run_training
+from megatron_patch.training.metrics import TrainingLogger, ensure_parent
+
+
+def _banner(args, plan, rank: int) -> None:
+    if rank != 0:
+        return
+    m = plan.model_args
+    params = 12 * m.num_layers * m.hidden_size ** 2  # rough, for the banner only
+    print(f"[megatron_patch] {plan.family.name}: {m.num_layers} layers, hidden {m.hidden_size}, "
+          f"heads {m.num_attention_heads}/{m.num_query_groups}, vocab {m.vocab_size} (padded "
+          f"{plan.padded_vocab_size}), ~{params / 1e6:.1f}M block params | world "
+          f"{dist.get_world_size()} = TP {args.tensor_model_parallel_size} x PP "
+          f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size} | "
+          f"{args.precision} | micro-batch {args.micro_batch_size}, global batch "
+          f"{args.global_batch_size} ({args.num_microbatches} micro-batches), seq "
+          f"{args.seq_length} | {'GPU' if compat.on_gpu() else 'CPU (gloo)'}", flush=True)
+
+
+def setup(args, data):
+    """Parallel state, datasets, model, optimizer, and the loaded state. -> dict of pieces."""
+    compat.initialize_parallel(args.tensor_model_parallel_size,
+                               args.pipeline_model_parallel_size, args.seed)
+    arguments.finalize(args, dist.get_world_size())
+    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+
+    init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size,
+                                     args.micro_batch_size, args.data_parallel_size)
+    plan = model_setup.plan_model(args)
+    datasets = data.build_datasets(args, plan)  # may set --train-iters (epochs)
+    if args.train_iters is None:
+        raise ValueError("give --train-iters or --train-tokens (or --epochs for finetune)")
+    _banner(args, plan, dist.get_rank())
+    chunks, model = model_setup.build_model(args, plan)
+    if args.load:
+        checkpointing.load_weights(args, model)
+    optimizer, scheduler = model_setup.build_optimizer(args, chunks)
+    state = {"iteration": 0, "consumed_train_samples": 0}
+    payload = checkpointing.resume_state(args) if args.load else None
+    if payload is not None:
+        state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))
+    configure_model(chunks, optimizer)
+    return dict(plan=plan, chunks=chunks, model=model, optimizer=optimizer,
+                scheduler=scheduler, state=state, datasets=datasets)
+
+
+def train(args, data) -> int:
+    """Run training. ``data`` has ``build_datasets(args, plan)`` and
+    ``make_iterators(args, datasets, consumed) -> (train_iter, make_valid_iter or None)``."""
+    try:
+        parts = setup(args, data)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    plan, state = parts["plan"], parts["state"]
+    if state["iteration"] and dist.get_rank() == 0:
+        print(f"[megatron_patch] resumed from {args.load} at iteration {state['iteration']} "
+              f"({state['consumed_train_samples']} samples consumed)", flush=True)
+    train_iter, make_valid_iter = data.make_iterators(args, parts["datasets"],
+                                                      state["consumed_train_samples"])
+    ensure_parent(args.metrics_file)
+    logger = TrainingLogger(args, plan.model_args, plan.padded_vocab_size,
+                            dist.get_world_size(), dist.get_rank() == dist.get_world_size() - 1)
+
+    def save(iteration):
+        checkpointing.save_checkpoint(args, iteration, parts["model"], parts["optimizer"],
+                                      parts["scheduler"], plan,
+                                      {"consumed_train_samples": state["consumed_train_samples"]})
+        if dist.get_rank() == 0:
+            print(f"[megatron_patch] saved checkpoint at iteration {iteration} to {args.save}",
+                  flush=True)
+
+    run_training(args, state, parts["chunks"], parts["optimizer"], parts["scheduler"],
+                 train_iter, make_valid_iter, logger, save)
+    logger.close()
+    compat.destroy_parallel()
+    return 0
+
+
+def main(prog: str, description: str, data, extra_args=None, argv=None) -> int:
+    parser = arguments.build_parser(prog, description, extra_args)
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return train(args, data)
