@@ -130,15 +130,17 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, tokenizer_dir, capsys):
         out.write(b'{"text": "bad \xff\xfe bytes"}\n')         # line 4
         out.write(b'\n')                                       # line 5
         out.write(b'{"text": 42}\n')                           # line 6
-        out.write(b'{"text": "good two"}')                     # line 7, no newline
+        out.write(b'{"text": "big int", "n": 123456789012345678901234567890}\n')  # orjson: no
+        out.write(b'{"text": "good two"}')                     # line 8, no newline
     assert run([str(source)], tmp_path / "o", tokenizer_dir, "--append-eod") == 0
     err, out = capsys.readouterr()[::-1]
     for line, reason in [(2, "invalid JSON"), (3, "missing key 'text'"), (4, "not valid UTF-8"),
                          (5, "empty line"), (6, "key 'text' is int")]:
         assert f"{source}:{line}: skipped: {reason}" in err
-    assert "Done: 2 documents" in out and "5 line(s) skipped" in out
+    assert "Done: 3 documents" in out and "5 line(s) skipped" in out
     assert f"skipped 1: invalid JSON (first at {source}:2)" in out
-    sequences = reference(str(tmp_path / "ref"), ["good one", "good two"], tokenizer_dir)
+    sequences = reference(str(tmp_path / "ref"), ["good one", "big int", "good two"],
+                          tokenizer_dir)
     assert_same_dataset(str(tmp_path / "o_text_document"), str(tmp_path / "ref"), sequences)
 
 

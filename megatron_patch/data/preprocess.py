@@ -20,25 +20,17 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_patch.data.indexed import IndexedDatasetWriter, token_dtype
-from megatron_patch.data.readers import InputError, expand_inputs, iter_chunks
-
-try:
-    import orjson
-
-    _loads = orjson.loads
-except ImportError:  # orjson is optional; json gives the same objects, slower
-    import json
-
-    _loads = json.loads
+from megatron_patch.data.readers import InputError, expand_inputs, iter_chunks, parse_lines
 
 _MAX_REPORTED = 20  # bad lines printed one by one; the rest only counted
 
@@ -80,61 +72,12 @@ def encode_chunk(line_and_data: tuple) -> ChunkResult:
     rows = data.split(b"\n")
     if data.endswith(b"\n"):
         rows.pop()  # the split's empty tail, not a line
-    lines, values, bad = _parse_lines(rows, first_line, keys)
+    lines, values, bad = parse_lines(rows, first_line, keys)
     ids = {key: _tokenize(tokenizer, values[key], lines, bad) for key in keys}
     failed = {line for line, _ in bad}
     keep = [line not in failed for line in lines]
     arrays = {key: _pack(*ids[key], keep, _WORKER["eod"], _WORKER["dtype"]) for key in keys}
     return ChunkResult(arrays, sorted(bad), sum(keep), len(rows), len(data))
-
-
-def _parse_lines(rows: list[bytes], first_line: int, keys: list[str]):
-    """(line numbers, {key: [list of texts per document]}, [(line, reason)]) of the good lines."""
-    lines, values, bad = [], {key: [] for key in keys}, []
-    for number, raw in enumerate(rows, start=first_line):
-        texts, reason = _texts_of(raw, keys) if raw.strip() else (None, "empty line")
-        if reason:
-            bad.append((number, reason))
-            continue
-        lines.append(number)
-        for key, text in zip(keys, texts):
-            values[key].append(text)
-    return lines, values, bad
-
-
-def _texts_of(raw: bytes, keys: list[str]):
-    """([texts per key], None) for a good line, (None, reason) for a bad one."""
-    try:
-        record = _loads(raw)
-    except ValueError as err:
-        return None, _json_problem(raw, err)
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
-    texts = []
-    for key in keys:
-        if key not in record:
-            return None, f"missing key {key!r} (has: {', '.join(list(record)[:8])})"
-        value = record[key]
-        if isinstance(value, str):
-            value = [value]
-        elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            return None, f"key {key!r} is {type(value).__name__}, expected a string"
-        texts.append(value)
-    return texts, None
-
-
-def _json_problem(raw: bytes, err: Exception) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as bad:
-        return f"not valid UTF-8 (byte {bad.start})"
-    try:  # orjson refuses a few things json accepts (lone surrogate escapes, huge ints)
-        import json
-
-        json.loads(text)
-    except ValueError as json_err:
-        return f"invalid JSON: {json_err}"
-    return f"JSON that orjson cannot read: {err}"
 
 
 def _tokenize(tokenizer, documents: list[list[str]], lines: list[int], bad: list):
@@ -325,18 +268,22 @@ def _ordered_results(pool, chunks, in_flight: int):
     queued: ``Pool.imap`` would read the whole input ahead into memory."""
     pending = collections.deque()
     for chunk in chunks:
-        task = pool.apply_async(encode_chunk, ((chunk.first_line, chunk.data),))
+        task = pool.submit(encode_chunk, (chunk.first_line, chunk.data))
         pending.append((chunk.path, chunk.input_bytes_done, task))
         if len(pending) >= in_flight:
             path, done, task = pending.popleft()
-            yield path, done, task.get()
+            yield path, done, task.result()
     while pending:
         path, done, task = pending.popleft()
-        yield path, done, task.get()
+        yield path, done, task.result()
 
 
 def _encode_all(args, paths: list, tokenizer, writers: dict, report: Report) -> None:
-    """Stream every chunk through the worker pool into the writers."""
+    """Stream every chunk through the worker processes into the writers.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory,
+    say) fails the run with BrokenProcessPool instead of leaving it waiting forever.
+    """
     dtype = next(iter(writers.values())).dtype
     eod = tokenizer.eod if args.append_eod else None
     tokenizer_args = dict(tokenizer_type=args.tokenizer_type,
@@ -344,12 +291,15 @@ def _encode_all(args, paths: list, tokenizer, writers: dict, report: Report) -> 
                           extra_vocab_size=args.extra_vocab_size)
     _WORKER["tokenizer"] = tokenizer  # forked workers inherit it instead of loading it again
     initargs = (tokenizer_args, args.json_keys, eod, dtype.str)
-    with multiprocessing.Pool(args.workers, _init_worker, initargs) as pool:
+    pool = ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=initargs)
+    try:
         chunks = iter_chunks(paths, args.chunk_bytes)
         for path, done, result in _ordered_results(pool, chunks, 2 * args.workers + 2):
             for key, arrays in result.arrays.items():
                 writers[key].add_documents(*arrays)
             report.add(path, done, result)
+    finally:  # on an error, do not wait for the chunks still queued
+        pool.shutdown(wait=True, cancel_futures=True)
     report.tokens = sum(writer.tokens for writer in writers.values())
 
 
@@ -391,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except (InputError, OutputError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool as err:
+        print(f"error: a worker process died ({err}); out of memory? Nothing was written.",
+              file=sys.stderr)
         return 1
     print(report.summary(len(expand_inputs(args.input)), output_prefixes(args)))
     return 0

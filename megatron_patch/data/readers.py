@@ -1,4 +1,4 @@
-"""Find and stream JSON-lines inputs for the data tools.
+"""Find, stream and parse JSON-lines inputs for the data tools.
 
 Inputs are files, directories (searched recursively) and globs, in a deterministic order: each
 argument's matches sorted by path, arguments in the order given. Files may be plain, gzip or
@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
+
+try:
+    import orjson
+
+    _loads = orjson.loads
+except ImportError:  # orjson is optional; json gives the same objects, slower
+    _loads = json.loads
 
 # Directory members taken as inputs; an explicit file path may have any name.
 INPUT_SUFFIXES = (".jsonl", ".json", ".zst", ".gz")
@@ -141,3 +149,56 @@ def _zstd_blocks(raw, size: int) -> Iterator[bytes]:
                 yield out
     if inside:
         raise _CorruptStream("truncated zstd stream (the last frame is incomplete)")
+
+
+def parse_lines(rows: list[bytes], first_line: int, keys: list[str]):
+    """Parse JSON lines ``rows`` (numbered from ``first_line``): (numbers of the good lines,
+    {key: [texts of each good line]}, [(line, reason) of each bad line]). A string value is one
+    text, a list of strings several (Megatron-LM's sentence lists)."""
+    lines, values, bad = [], {key: [] for key in keys}, []
+    for number, raw in enumerate(rows, start=first_line):
+        texts, reason = _texts_of(raw, keys) if raw.strip() else (None, "empty line")
+        if reason:
+            bad.append((number, reason))
+            continue
+        lines.append(number)
+        for key, text in zip(keys, texts):
+            values[key].append(text)
+    return lines, values, bad
+
+
+def _texts_of(raw: bytes, keys: list[str]):
+    """([texts per key], None) for a good line, (None, reason) for a bad one."""
+    try:
+        record = _load_json(raw)
+    except ValueError as err:
+        return None, str(err)
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    texts = []
+    for key in keys:
+        if key not in record:
+            return None, f"missing key {key!r} (has: {', '.join(list(record)[:8])})"
+        value = record[key]
+        if isinstance(value, str):
+            value = [value]
+        elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return None, f"key {key!r} is {type(value).__name__}, expected a string"
+        texts.append(value)
+    return texts, None
+
+
+def _load_json(raw: bytes):
+    """The value of one JSON line, or a ValueError that says what is wrong with it."""
+    try:
+        return _loads(raw)
+    except ValueError:
+        pass  # orjson refuses a few things json accepts (lone surrogate escapes, huge ints)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise ValueError(f"not valid UTF-8 (byte {bad.start})") from None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"invalid JSON: {err}") from None
