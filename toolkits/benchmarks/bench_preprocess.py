@@ -147,15 +147,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def timed(run, repeat: int, *args) -> tuple[float, float]:
-    """Best (wall seconds, CPU seconds of all processes) of ``repeat`` calls of ``run(*args)``;
-    a run that returns a number reports its own wall seconds."""
-    best = (float("inf"), float("inf"))
-    for _ in range(repeat):
-        wall, cpu = time.time(), cpu_seconds()
-        own = run(*args)
-        best = min(best, (own or time.time() - wall, cpu_seconds() - cpu))
-    return best
+def timed(run, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all processes) of ``run(*args)``; a run that returns a
+    number reports its own wall seconds."""
+    wall, cpu = time.time(), cpu_seconds()
+    own = run(*args)
+    return own or time.time() - wall, cpu_seconds() - cpu
 
 
 def same_output(ours: str, baseline: str) -> bool:
@@ -164,34 +161,39 @@ def same_output(ours: str, baseline: str) -> bool:
                for ext in ("bin", "idx"))
 
 
-def baselines(args, work: str, corpus: str, tokenizer_dir: str, workers: int):
-    """(name, output prefix, (wall, cpu) seconds) of each baseline for ``workers``."""
+def pipelines(args, work: str, corpus: str, tokenizer_dir: str, workers: int) -> list:
+    """(name, output prefix, run, run's arguments) of ours and each baseline for ``workers``."""
+    ours = os.path.join(work, f"ours_{workers}")
+    found = [("megatron_patch.data.preprocess", f"{ours}_text_document", run_ours,
+              (corpus, ours, tokenizer_dir, workers))]
     if args.megatron_lm:
         prefix = os.path.join(work, f"megatron_lm_{workers}")
-        times = timed(run_megatron_lm, args.repeat, args.megatron_lm, corpus, prefix,
-                      tokenizer_dir, workers)
-        yield "Megatron-LM tools/preprocess_data.py", f"{prefix}_text_document", times
-        return
+        return found + [("Megatron-LM tools/preprocess_data.py", f"{prefix}_text_document",
+                         run_megatron_lm, (args.megatron_lm, corpus, prefix, tokenizer_dir,
+                                           workers))]
     for special in (False, True):
-        name = "Megatron-LM pipeline" + (" +include-special-tokens" if special else "")
         prefix = os.path.join(work, f"baseline_{workers}_{int(special)}")
-        times = timed(run_baseline, args.repeat, corpus, prefix, tokenizer_dir, workers, special)
-        yield name, prefix, times
+        found.append(("Megatron-LM pipeline" + (" +include-special-tokens" if special else ""),
+                      prefix, run_baseline, (corpus, prefix, tokenizer_dir, workers, special)))
+    return found
 
 
 def parse_args() -> argparse.Namespace:
+    """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus-mb", type=float, default=32.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--megatron-lm", help="a Megatron-LM checkout: run its real script")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per pipeline; best kept")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per pipeline, interleaved; the fastest is kept")
     parser.add_argument("--work-dir", help="keep corpus and outputs here (default: a temp dir)")
     return parser.parse_args()
 
 
 def _row(workers: int, name: str, documents: int, megabytes: float, times, ours=None,
          same: str = "") -> str:
+    # speedup = the baseline's seconds / ours, in wall time and in CPU time of all processes
     wall, cpu = times
     speedup = f"{wall / ours[0]:.2f}x" if ours else ""
     cpu_speedup = f"{cpu / ours[1]:.2f}x" if ours else ""
@@ -215,14 +217,16 @@ def main() -> None:
     print(f"{'workers':>7}  {'pipeline':<42} {'docs/s':>8} {'MB/s':>6} {'speedup':>8} "
           f"{'CPU us/doc':>10} {'CPU x':>8} {'same':>5}")
     for workers in args.workers:
-        ours = os.path.join(work, f"ours_{workers}")
-        ours_times = timed(run_ours, args.repeat, corpus, ours, tokenizer_dir, workers)
-        print(_row(workers, "megatron_patch.data.preprocess", documents, megabytes, ours_times),
-              flush=True)
-        for name, prefix, times in baselines(args, work, corpus, tokenizer_dir, workers):
-            same = str(same_output(f"{ours}_text_document", prefix))
-            print(_row(workers, name, documents, megabytes, times, ours_times, same), flush=True)
-
+        runs = pipelines(args, work, corpus, tokenizer_dir, workers)
+        best = [(float("inf"), float("inf"))] * len(runs)
+        for _ in range(args.repeat):  # interleaved, so a busy spell hits every pipeline alike
+            best = [min(old, timed(run, *run_args))
+                    for old, (_, _, run, run_args) in zip(best, runs)]
+        ours_prefix = runs[0][1]
+        print(_row(workers, runs[0][0], documents, megabytes, best[0]), flush=True)
+        for (name, prefix, _, _), times in zip(runs[1:], best[1:]):
+            same = str(same_output(ours_prefix, prefix))
+            print(_row(workers, name, documents, megabytes, times, best[0], same), flush=True)
 
 if __name__ == "__main__":
     main()
