@@ -1,0 +1,97 @@
+"""``python -m megatron_patch.generate --load CKPT --input-file IN --output-file OUT [...]``
+
+Completes every prompt of IN with the Megatron checkpoint CKPT and writes JSON lines to OUT
+(``prompt``, ``completion``, ``completion_ids``, ``finish_reason``). Under ``torchrun`` with
+``--tensor-model-parallel-size T`` each group of T ranks holds one copy of the model; the
+copies share the micro-batches. ``--help`` lists the flags.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from megatron_patch import compat
+from megatron_patch.convert.io_utils import CheckpointError
+from megatron_patch.generation import cli
+from megatron_patch.generation.engine import Limits, build_backend
+from megatron_patch.generation.loading import (load_model, load_tokenizer, open_checkpoint,
+                                               size_mismatch)
+from megatron_patch.generation.prompts import (check_output_path, read_prompts, truncate_left,
+                                               write_completions)
+from megatron_patch.generation.schedule import generate_all
+
+MAX_TRUNCATION_WARNINGS = 5
+
+
+def log(message: str) -> None:
+    """stderr, once per job (global rank 0; torchrun sets RANK before anything starts)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def tokenize_prompts(tokenizer, prompts, limit: int) -> list[list[int]]:
+    """Token ids of the prompts, long ones cut from the left to ``limit`` tokens (warned)."""
+    ids, cut = truncate_left(tokenizer.tokenize_batch(prompts.texts), limit)
+    for index in cut[:MAX_TRUNCATION_WARNINGS]:
+        log(f"warning: {prompts.path}:{prompts.lines[index]}: prompt longer than {limit} "
+            f"tokens, truncated from the left")
+    if cut:
+        log(f"warning: {len(cut)} of {len(ids)} prompts were truncated from the left to "
+            f"{limit} tokens (--seq-length minus --max-new-tokens, or --max-prompt-length)")
+    return ids
+
+
+def completion_records(prompts, completions, tokenizer) -> list[dict]:
+    """Output records in input order; the completion text leaves out the final EOS."""
+    records = []
+    for text, completion in zip(prompts.texts, completions):
+        ids = completion.ids[:-1] if completion.finish_reason == "eos" else completion.ids
+        records.append({"prompt": text, "completion": tokenizer.detokenize(ids),
+                        "completion_ids": completion.ids,
+                        "finish_reason": completion.finish_reason})
+    return records
+
+
+def run(opts) -> None:
+    """Everything that can fail on bad input runs before torch.distributed starts."""
+    prompts = read_prompts(opts.input_file)
+    check_output_path(opts.output_file)
+    checkpoint = open_checkpoint(opts.load)
+    warning = size_mismatch(checkpoint, opts.model_size)
+    if warning:
+        log(warning)
+    tokenizer = load_tokenizer(checkpoint, opts.tokenizer_path, opts.tokenizer_type)
+    seq_length, limit = cli.prompt_limit(opts, checkpoint.args.max_position_embeddings)
+    if prompts.skipped_empty:
+        log(f"[generate] skipped {prompts.skipped_empty} empty lines of {prompts.path}")
+    ids = tokenize_prompts(tokenizer, prompts, limit)
+    pad = tokenizer.pad if tokenizer.pad is not None else 0
+    limits = Limits(opts.max_new_tokens, tokenizer.eod, pad, checkpoint.args.vocab_size)
+    compat.initialize_parallel(opts.tensor_model_parallel_size, 1, seed=opts.seed)
+    try:
+        model = load_model(checkpoint, opts.tensor_model_parallel_size, opts.precision)
+        backend = build_backend(opts.inference_backend, model, seq_length)
+        log(f"[generate] {len(ids)} prompts, backend {type(backend).__name__}, "
+            f"micro-batch {opts.micro_batch_size}, {opts.precision}")
+        completions = generate_all(backend, ids, opts.sampling, limits, opts.micro_batch_size,
+                                   opts.seed, log)
+        if completions is not None:
+            write_completions(opts.output_file,
+                              completion_records(prompts, completions, tokenizer))
+            log(f"[generate] wrote {len(completions)} completions to {opts.output_file}")
+    finally:
+        compat.destroy_parallel()
+
+
+def main(argv=None) -> int:
+    opts = cli.parse_args(argv)
+    try:
+        run(opts)
+    except (CheckpointError, FileNotFoundError, PermissionError, ValueError) as err:
+        log(f"error: {err}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The generation loop for one batch of prompts, over any backend (backends.py).
+
+    tokens = left-padded prompts ──backend.start──▶ logits ──choose──▶ next tokens ─┐
+                                   ▲                                                │
+                                   └───────────────backend.step◀────────────────────┘
+                                   until every row has produced EOS, or max_new_tokens
+
+Every tensor-parallel rank runs the same loop on the same gathered logits; the chosen tokens are
+broadcast from the group's first rank so that the ranks can never drift apart.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_patch.generation.backends import McoreBackend, UncachedBackend
+from megatron_patch.generation.batching import left_pad
+from megatron_patch.generation.cuda_graphs import GraphBackend
+from megatron_patch.generation.sampling import SamplingParams, choose_tokens
+from megatron_patch.generation.static_cache import StaticBackend
+
+BACKENDS = {
+    "mcore": McoreBackend,          # megatron-core's StaticInferenceContext
+    "static": StaticBackend,        # our static cache, eager (same math as graph)
+    "graph": GraphBackend,          # our static cache, decode steps as CUDA graphs (GPU)
+    "graph-compiled": functools.partial(GraphBackend, compile=True),
+    "uncached": UncachedBackend,    # reference: re-run the whole sequence each step
+}
+# On a GPU a stop check (a device -> host copy) every step would stall the launch queue.
+STOP_CHECK_EVERY_GPU = 8
+
+
+def build_backend(name: str, model, max_length: int):
+    """Backend ``name`` (a key of BACKENDS, or ``auto``: graph on a GPU, mcore on the CPU)."""
+    if name == "auto":
+        name = "graph" if torch.cuda.is_available() and next(model.parameters()).is_cuda \
+            else "mcore"
+    if name not in BACKENDS:
+        raise ValueError(f"--inference-backend {name!r}: choose one of auto, "
+                         f"{', '.join(BACKENDS)}")
+    return BACKENDS[name](model, max_length)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Where generation stops and which logits count."""
+
+    max_new_tokens: int
+    eos_id: Optional[int]     # None: never stop early
+    pad_id: int               # fills prompts on the left and finished rows
+    vocab_size: int           # the true vocabulary; logits past it are embedding padding
+
+
+@dataclass
+class Completion:
+    ids: list[int]            # generated ids, the final EOS included when it stopped there
+    finish_reason: str        # "eos" or "length"
+
+
+@dataclass
+class BatchStats:
+    prompts: int
+    new_tokens: int           # generated tokens that were kept (finished rows excluded)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+
+def seen_tokens(tokens: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [batch, vocab]: which tokens each row's prompt contains (padding excluded)."""
+    counts = torch.zeros(tokens.size(0), vocab_size, dtype=torch.int32, device=tokens.device)
+    return counts.scatter_add_(1, tokens, valid.int()) > 0
+
+
+def agree_across_tensor_parallel(tokens: torch.Tensor) -> torch.Tensor:
+    """The first tensor-parallel rank's choice, on every rank of the group."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tokens, ps.get_tensor_model_parallel_src_rank(),
+                                    group=ps.get_tensor_model_parallel_group())
+    return tokens
+
+
+def _synchronized_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def generate_batch(backend, prompts: list[list[int]], params: SamplingParams, limits: Limits,
+                   generator: Optional[torch.Generator] = None):
+    """Completions of ``prompts`` (token lists) -> (list of Completion, BatchStats)."""
+    device = next(backend.model.parameters()).device
+    began = _synchronized_time(device)
+    tokens, valid = left_pad(prompts, limits.pad_id, device)
+    seen = (seen_tokens(tokens, valid, limits.vocab_size)
+            if params.repetition_penalty != 1.0 else None)
+    logits = backend.start(tokens, valid)
+    generated = torch.full((len(prompts), limits.max_new_tokens), limits.pad_id,
+                           dtype=torch.long, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    check_every = STOP_CHECK_EVERY_GPU if device.type == "cuda" else 1
+    prefilled, steps = _synchronized_time(device), 0
+    for step in range(limits.max_new_tokens):
+        chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params, generator)
+        chosen = torch.where(finished, limits.pad_id, agree_across_tensor_parallel(chosen))
+        generated[:, step] = chosen
+        if limits.eos_id is not None:
+            finished |= chosen == limits.eos_id
+        if step + 1 == limits.max_new_tokens or (limits.eos_id is not None and (
+                step + 1) % check_every == 0 and bool(finished.all())):
+            break
+        if seen is not None:
+            seen.scatter_(1, chosen[:, None], True)
+        logits = backend.step(chosen)
+        steps += 1
+    completions = trim_completions(generated[:, : step + 1].tolist(), limits.eos_id)
+    done = _synchronized_time(device)
+    stats = BatchStats(len(prompts), sum(len(c.ids) for c in completions), prefilled - began,
+                       done - prefilled, steps)
+    return completions, stats
+
+
+def trim_completions(rows: list[list[int]], eos_id: Optional[int]) -> list[Completion]:
+    """Cut each row after its first EOS (what follows is padding)."""
+    completions = []
+    for ids in rows:
+        if eos_id is not None and eos_id in ids:
+            completions.append(Completion(ids[: ids.index(eos_id) + 1], "eos"))
+        else:
+            completions.append(Completion(ids, "length"))
+    return completions

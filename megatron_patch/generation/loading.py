@@ -1,0 +1,107 @@
+"""A Megatron checkpoint (the converter's or the trainer's) as a model and a tokenizer ready for
+generation: the model shape comes from the checkpoint's metadata, the tokenizer from its
+``tokenizer/`` directory or ``--tokenizer-path``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megatron_patch import compat
+from megatron_patch.convert.io_utils import CheckpointError
+
+
+@dataclass
+class Checkpoint:
+    """What ``open_megatron`` found at ``--load``."""
+
+    path: str
+    root: str
+    bundle: tuple             # (reader, family, args, meta), reused when loading weights
+
+    @property
+    def family(self):
+        return self.bundle[1]
+
+    @property
+    def args(self):
+        return self.bundle[2]
+
+    @property
+    def meta(self) -> dict:
+        return self.bundle[3]
+
+
+def open_checkpoint(load: str) -> Checkpoint:
+    """Open ``--load`` (a checkpoint root or one of its iteration directories)."""
+    from megatron_patch.convert.engine import open_megatron
+
+    try:
+        bundle = open_megatron(load)
+    except CheckpointError as err:
+        raise CheckpointError(f"--load: {err}") from None
+    return Checkpoint(load, bundle[0].root, bundle)
+
+
+def tokenizer_location(checkpoint: Checkpoint, tokenizer_path: str | None,
+                       tokenizer_type: str | None) -> tuple[str, str]:
+    """(tokenizer type, directory or model file): ``--tokenizer-path`` wins, else the
+    checkpoint's own tokenizer; the type defaults to the checkpoint's, then the family's."""
+    recorded = checkpoint.meta.get("tokenizer") or {}
+    kind = tokenizer_type or recorded.get("type") or checkpoint.family.tokenizer
+    if tokenizer_path:
+        return kind, tokenizer_path
+    if recorded.get("path"):
+        return kind, os.path.join(checkpoint.root, recorded["path"])
+    raise ValueError(
+        f"--load {checkpoint.path!r} carries no tokenizer (its megatron_patch.json has no "
+        f"'tokenizer' entry: the HF directory it was converted from had no tokenizer files). "
+        f"Pass --tokenizer-path with the model's HF tokenizer directory.")
+
+
+def load_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | None,
+                   tokenizer_type: str | None):
+    """The tokenizer, refused when it has more tokens than the model's vocabulary."""
+    from megatron_patch.tokenizers import build_tokenizer
+
+    kind, path = tokenizer_location(checkpoint, tokenizer_path, tokenizer_type)
+    tokenizer = build_tokenizer(kind, path)
+    if tokenizer.vocab_size > checkpoint.args.vocab_size:
+        raise ValueError(f"tokenizer {path!r} has {tokenizer.vocab_size} tokens but the model "
+                         f"of --load {checkpoint.path!r} only {checkpoint.args.vocab_size}: "
+                         f"wrong --tokenizer-path?")
+    return tokenizer
+
+
+def load_model(checkpoint: Checkpoint, tensor_parallel: int, precision: str = "fp32"):
+    """GPTModel with this rank's slice of the weights, on this rank's device, in eval mode.
+    Needs ``compat.initialize_parallel`` first."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.convert.model_io import load_model_weights, runtime_padded_vocab
+    from megatron_patch.families.model import build_gpt_model, transformer_config
+
+    family, args, meta = checkpoint.family, checkpoint.args, checkpoint.meta
+    args.validate_parallel(tensor_parallel, 1)
+    config = transformer_config(family, args, tensor_parallel=tensor_parallel,
+                                precision=precision)
+    model = build_gpt_model(family, args, config, runtime_padded_vocab(meta, tensor_parallel))
+    load_model_weights(model, checkpoint.path, ps.get_tensor_model_parallel_rank(),
+                       tensor_parallel, 0, 1, checkpoint.bundle)
+    return model.to(compat.device()).eval()
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+
+
+def size_mismatch(checkpoint: Checkpoint, model_size: str | None) -> str | None:
+    """A warning when the checkpoint's shape is not the family's ``model_size`` row (the shape
+    always comes from the checkpoint); ValueError for a size the family does not have."""
+    if not model_size:
+        return None
+    expected = checkpoint.family.args_for_size(model_size)
+    differ = [f"{name} {getattr(checkpoint.args, name)} (not {getattr(expected, name)})"
+              for name in SHAPE_FIELDS if getattr(checkpoint.args, name) != getattr(expected, name)]
+    if not differ:
+        return None
+    return (f"warning: --load {checkpoint.path!r} is not a {checkpoint.family.name} "
+            f"{model_size}: {', '.join(differ)}; using the checkpoint's shape")

@@ -1,0 +1,294 @@
+"""Decode speed of ``megatron_patch.generation`` against HF transformers and the memory-bandwidth
+bound, in one run on one device.
+
+Shape (default): the ~1B Llama of the GPU baseline (registry size ``1B``: hidden 2048, 16
+layers, 16 heads, FFN 5632, vocab 32000), bf16, random weights built in-process, 128-token
+prompts, 256 new tokens, greedy, EOS ignored, batch 1 and 16. ``--tiny`` runs the registry's
+``tiny`` shape in fp32 with short sequences, so the script runs (and is tested) on a CPU.
+
+Stacks: our engine with each backend (megatron-core's ``StaticInferenceContext``; our static
+cache eager; with CUDA graphs; with CUDA graphs over a ``torch.compile``d step), HF ``generate``
+eager (its dynamic cache) and HF ``generate`` with a static cache, which transformers compiles
+on a GPU (``torch.compile`` mode ``reduce-overhead``: CUDA graphs).
+
+Decode tokens/s = batch x (new tokens - 1) / (time from the first sampled token to the end), the
+same clock for every stack (HF's is read by a logits processor at its first call). The bound is
+batch x copy bandwidth / weight bytes: every decode step reads all weights once; the copy
+bandwidth is measured here (bytes read + written per second of a large device copy).
+
+Before timing, a parity check: a tiny random fp32 Llama is converted to a Megatron checkpoint
+and every backend's greedy tokens (a batch of prompts of different lengths) are compared with
+HF ``generate(do_sample=False)`` on each prompt alone.
+
+    python toolkits/benchmarks/bench_generation.py [--tiny] [--output results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+from megatron_patch import compat  # noqa: E402
+from megatron_patch.generation.engine import Limits, build_backend, generate_batch  # noqa: E402
+from megatron_patch.generation.sampling import SamplingParams  # noqa: E402
+from megatron_patch.registry import get_family  # noqa: E402
+
+SHAPES = {
+    "1b": dict(size="1B", precision="bf16", prompt=128, new=256, batches=(1, 16)),
+    "tiny": dict(size="tiny", precision="fp32", prompt=8, new=8, batches=(1, 2)),
+}
+OURS = {  # table label -> backend name
+    "ours: static cache + CUDA graphs": "graph",
+    "ours: mcore (StaticInferenceContext)": "mcore",
+    "ours: static cache (eager)": "static",
+    "ours: CUDA graphs + torch.compile": "graph-compiled",
+}
+HF = {"HF generate (eager)": {}, "HF static cache + torch.compile": {"cache_implementation":
+                                                                    "static"}}
+# Run order: the slow-to-compile and least certain stacks last (--max-seconds may cut them).
+ORDER = ("ours: static cache + CUDA graphs", "HF generate (eager)",
+         "HF static cache + torch.compile", "ours: mcore (StaticInferenceContext)",
+         "ours: static cache (eager)", "ours: CUDA graphs + torch.compile")
+GPU_ONLY = {"ours: static cache + CUDA graphs", "ours: CUDA graphs + torch.compile",
+            "HF static cache + torch.compile"}
+GREEDY = SamplingParams(top_k=1)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, mebibytes: int, repeats: int = 20) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` of a large buffer."""
+    src = torch.empty(mebibytes * 2**20, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * src.numel() * repeats / (time.perf_counter() - began)
+
+
+def build_models(size: str, precision: str, device):
+    """Our GPTModel and HF's LlamaForCausalLM of one registry size, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_patch.families.model import build_gpt_model, transformer_config
+    from megatron_patch.tokenizers.vocab import padded_vocab_size
+
+    family = get_family("llama")
+    args = family.args_for_size(size)
+    config = transformer_config(family, args, precision=precision,
+                                use_cpu_initialization=device.type == "cpu")
+    ours = build_gpt_model(family, args, config, padded_vocab_size(args.vocab_size, 128, 1, 0))
+    ours = ours.to(device).eval()
+    hf_config = LlamaConfig(**family.hf_config_from_args(args))
+    hf_config.eos_token_id = None
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_config).to(DTYPES[precision]).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return ours, hf, args
+
+
+def time_ours(model, backend_name, prompts, new_tokens, vocab_size, warmup_tokens):
+    """(decode tokens/s, prompt+decode tokens/s) of our engine."""
+    backend = build_backend(backend_name, model, prompts.size(1) + new_tokens)
+    rows = prompts.tolist()
+    generate_batch(backend, rows, GREEDY, Limits(warmup_tokens, None, 0, vocab_size))
+    _, stats = generate_batch(backend, rows, GREEDY, Limits(new_tokens, None, 0, vocab_size))
+    batch = len(rows)
+    return (batch * stats.decode_steps / stats.decode_seconds,
+            batch * new_tokens / (stats.prefill_seconds + stats.decode_seconds))
+
+
+class FirstStepClock:
+    """A logits processor that only notes when HF samples its first token (after prefill)."""
+
+    def __init__(self, device):
+        self.device, self.first = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            synchronize(self.device)
+            self.first = time.perf_counter()
+        return scores
+
+
+def time_hf(model, prompts, new_tokens, extra: dict, warmup_tokens):
+    """(decode tokens/s, prompt+decode tokens/s) of HF ``generate``."""
+    from transformers import LogitsProcessorList
+
+    device = prompts.device
+
+    def run(tokens):
+        clock = FirstStepClock(device)
+        synchronize(device)
+        began = time.perf_counter()
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                       max_new_tokens=tokens, min_new_tokens=tokens,
+                       logits_processor=LogitsProcessorList([clock]), **extra)
+        synchronize(device)
+        return began, clock.first, time.perf_counter()
+
+    run(warmup_tokens)
+    began, first, end = run(new_tokens)
+    batch = prompts.size(0)
+    return batch * (new_tokens - 1) / (end - first), batch * new_tokens / (end - began)
+
+
+def tiny_checkpoint(scratch: str) -> str:
+    """A random tiny fp32 Llama (registry size ``tiny``) saved by HF and converted."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_patch.convert.engine import Target, convert_hf_to_megatron
+
+    family = get_family("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(**family.hf_config_from_args(family.args_for_size("tiny")))
+    LlamaForCausalLM(config).save_pretrained(os.path.join(scratch, "hf"))
+    convert_hf_to_megatron(os.path.join(scratch, "hf"), os.path.join(scratch, "mg"),
+                           target=Target(1, 1), progress=False)
+    return scratch
+
+
+def parity(backends, device, new_tokens: int = 16) -> dict:
+    """Greedy tokens of each backend (one batch, prompts of different lengths) against HF
+    ``generate`` on each prompt alone, through a converted tiny fp32 checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    from megatron_patch.generation.loading import load_model, open_checkpoint
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tiny_checkpoint(scratch)
+        checkpoint = open_checkpoint(os.path.join(scratch, "mg"))
+        model = load_model(checkpoint, 1)
+        hf = LlamaForCausalLM.from_pretrained(os.path.join(scratch, "hf"),
+                                              dtype=torch.float32).to(device).eval()
+    vocab = checkpoint.args.vocab_size
+    prompts = [torch.randint(3, vocab, (n,)).tolist() for n in (5, 17, 9, 30)]
+    expected = [hf.generate(torch.tensor([ids], device=device), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+                for ids in prompts]
+    report = {}
+    for name in backends:
+        try:
+            got, _ = generate_batch(build_backend(name, model, 64), prompts, GREEDY,
+                                    Limits(new_tokens, None, 0, vocab))
+        except Exception as err:  # report it with the rest
+            report[name] = {"equal": False, "error": f"{type(err).__name__}: {err}"[:400]}
+            continue
+        same = sum(a == b for c, e in zip(got, expected) for a, b in zip(c.ids, e))
+        report[name] = {"equal": [c.ids for c in got] == expected,
+                        "tokens_equal": f"{same}/{len(prompts) * new_tokens}"}
+    return report
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table; each row against the bound and against HF compiled at its batch."""
+    compiled = {r["batch"]: r["decode_tps"] for r in rows
+                if r["stack"] == "HF static cache + torch.compile" and "decode_tps" in r}
+    lines = ["| stack | batch | decode tokens/s | prompt+decode tokens/s | of bound | "
+             "x HF compiled |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "decode_tps" not in row:
+            lines.append(f"| {row['stack']} | {row['batch']} | {row['note']} | | | |")
+            continue
+        versus = compiled.get(row["batch"])
+        lines.append(f"| {row['stack']} | {row['batch']} | {row['decode_tps']:,.0f} | "
+                     f"{row.get('e2e_tps', 0):,.0f} | {row['of_bound']:.0%} | "
+                     f"{row['decode_tps'] / versus:.2f} |" if versus else
+                     f"| {row['stack']} | {row['batch']} | {row['decode_tps']:,.0f} | "
+                     f"{row.get('e2e_tps', 0):,.0f} | {row['of_bound']:.0%} | |")
+    return "\n".join(lines)
+
+
+def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int):
+    """(decode tokens/s, prompt+decode tokens/s) of one stack at one batch."""
+    warm = shape["new"] if stack in GPU_ONLY else 8  # graphs/compile: capture every window
+    if stack in OURS:
+        return time_ours(ours, OURS[stack], prompts, shape["new"], vocab_size, warm)
+    return time_hf(hf, prompts, shape["new"], HF[stack], warm)
+
+
+def save(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="small shape, runs on a CPU")
+    parser.add_argument("--stacks", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--output", help="write the results as JSON here (after every row)")
+    parser.add_argument("--max-seconds", type=float, default=1e9,
+                        help="skip the remaining stacks once this much time has passed")
+    return parser.parse_args(argv)
+
+
+def timed_rows(stacks, shape, device, results, opts, started) -> None:
+    """One row per stack and batch size, appended to ``results`` (saved after each)."""
+    ours, hf, args = build_models(shape["size"], shape["precision"], device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    bandwidth = copy_bandwidth(device, 2048 if device.type == "cuda" else 64)
+    results.update(weight_bytes=weight_bytes, copy_bandwidth=bandwidth, rows=[])
+    print(f"weights {weight_bytes / 1e9:.3f} GB, copy bandwidth {bandwidth / 1e12:.3f} TB/s, "
+          f"batch-1 bound {bandwidth / weight_bytes:,.0f} tokens/s", flush=True)
+    for stack in stacks:
+        for batch in shape["batches"]:
+            row = {"stack": stack, "batch": batch}
+            if time.perf_counter() - started > opts.max_seconds:
+                row["note"] = "skipped (time budget)"
+            else:
+                prompts = torch.randint(3, args.vocab_size, (batch, shape["prompt"]),
+                                        device=device)
+                try:
+                    row["decode_tps"], row["e2e_tps"] = measure(stack, ours, hf, prompts,
+                                                                shape, args.vocab_size)
+                    row["of_bound"] = row["decode_tps"] / (batch * bandwidth / weight_bytes)
+                except Exception as err:  # report and go on: one stack must not lose the rest
+                    row["note"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            save(results, opts.output)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    shape = SHAPES["tiny" if opts.tiny else "1b"]
+    compat.initialize_parallel(1, 1)
+    device, started = compat.device(), time.perf_counter()
+    gpu = device.type == "cuda"
+    stacks = [s for s in ORDER if (gpu or s not in GPU_ONLY)
+              and (not opts.stacks or s in opts.stacks)]
+    # Compiling is slow: the compiled backend's parity is checked last, after the timings.
+    early = [OURS[s] for s in stacks if s in OURS and OURS[s] != "graph-compiled"]
+    results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "shape": shape,
+               "parity": parity(early + ["uncached"], device)}
+    print("parity with HF greedy:", json.dumps(results["parity"]), flush=True)
+    timed_rows(stacks, shape, device, results, opts, started)
+    if "ours: CUDA graphs + torch.compile" in stacks and \
+            time.perf_counter() - started < opts.max_seconds:
+        results["parity"].update(parity(["graph-compiled"], device))
+        print("parity of graph-compiled:", json.dumps(results["parity"]["graph-compiled"]))
+    save(results, opts.output)
+    print(table(results["rows"]))
+    compat.destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
