@@ -228,6 +228,44 @@ def enable_cpu_mode() -> None:
     _CPU_MODE = True
 
 
+# --------------------------------------------------------------------------- fixes
+
+_FIXED = False
+
+
+def _fix_distributed_optimizer_torch_adam() -> None:
+    """megatron-core 0.16.1's DistributedOptimizer with torch's Adam (no apex / TE): loading
+    the sharded parameter state (``load_parameter_state``) fails with ``KeyError: 'step'``,
+    because torch Adam keeps ``step`` per parameter while the saved shards carry only param,
+    exp_avg and exp_avg_sq; and ``load_state_dict`` gives every parameter the same ``step``
+    tensor, which torch's foreach Adam would then increment once per parameter. Keep each
+    parameter's own (already restored) step."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].clone()
+            tensors = dict(tensors, step=state["step"])
+        return original(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = set_states
+
+
+def fix_megatron_core() -> None:
+    """Work around megatron-core bugs that affect megatron_patch (idempotent)."""
+    global _FIXED
+    if not _FIXED:
+        _fix_distributed_optimizer_torch_adam()
+        _FIXED = True
+
+
 # --------------------------------------------------------------------------- distributed
 
 
@@ -258,6 +296,7 @@ def initialize_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, se
     """torch.distributed + megatron-core model-parallel groups + the model-parallel RNG seeds."""
     require_megatron_core()
     enable_cpu_mode()
+    fix_megatron_core()
     initialize_distributed()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -262,7 +262,9 @@ def test_mmap_round_trip_equals_in_memory_dataset(tmp_path, tokenizer, packing):
 
 
 def test_preprocess_cli_with_the_tokenizer_builder(tmp_path, tokenizer, tokenizer_dir):
-    pytest.importorskip("megatron_patch.tokenizers.builder")
+    from megatron_patch.tokenizers import build_tokenizer
+
+    real = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
     source = tmp_path / "sft.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in packed_records() + [CHAT]))
     prefix = str(tmp_path / "sft")
@@ -270,7 +272,7 @@ def test_preprocess_cli_with_the_tokenizer_builder(tmp_path, tokenizer, tokenize
                        "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
                        "--tokenizer-model", tokenizer_dir, "--seq-length", str(SEQ), "--packing"])
     assert json.loads(proc.stdout.splitlines()[-1])["kept"] == len(packed_records()) + 1
-    memory = SFTDataset(str(source), tokenizer, seq_length=SEQ, packing=True)
-    stored = SFTDataset.from_mmap(prefix, tokenizer, seq_length=SEQ)
+    memory = SFTDataset(str(source), real, seq_length=SEQ, packing=True)
+    stored = SFTDataset.from_mmap(prefix, real, seq_length=SEQ)
     assert len(stored) == len(memory)
     assert all(np.array_equal(stored[i]["tokens"], memory[i]["tokens"]) for i in range(len(memory)))

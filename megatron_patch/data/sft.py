@@ -155,7 +155,13 @@ def tokenize_piece(tokenizer, text: str) -> list[int]:
 
 
 def _bos(tokenizer) -> list[Piece]:
-    return [] if getattr(tokenizer, "bos", None) is None else [([tokenizer.bos], False)]
+    """BOS once at the start of a sample, when the tokenizer itself starts a text with one
+    (LLaMA's does); a tokenizer that never adds BOS (so neither did the pretraining data)
+    gets none."""
+    bos = getattr(tokenizer, "bos", None)
+    if bos is None or list(tokenizer.tokenize("a"))[:1] != [bos]:
+        return []
+    return [([bos], False)]
 
 
 def _render(hf_tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -160,21 +160,22 @@ def resume_state(args):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@torch.no_grad()  # fp32 main params of the distributed optimizer are views of the weights
+def _load_optimizer(args, payload, optimizer) -> None:
+    optimizer.load_state_dict(payload["optimizer"])
+    if args.use_distributed_optimizer:
+        _, iter_dir = mio.resolve_checkpoint(args.load)
+        tp_rank, pp_rank, _, pp = _ranks()
+        optimizer.load_parameter_state(os.path.join(
+            iter_dir, mio.rank_dir_name(tp_rank, pp_rank, pp), OPTIM_FILE))
+
+
 def restore_training_state(args, payload, optimizer, scheduler) -> dict:
     """Optimizer, schedule, RNG and data position from a resume payload."""
     from megatron.core import parallel_state as ps
 
     if not args.no_load_optim:
-        if args.use_distributed_optimizer:
-            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-                opt._init_optimizer_states_with_dummy_values()
-        with torch.no_grad():
-            optimizer.load_state_dict(payload["optimizer"])
-        if args.use_distributed_optimizer:
-            root, iter_dir = mio.resolve_checkpoint(args.load)
-            tp_rank, pp_rank, _, pp = _ranks()
-            optimizer.load_parameter_state(os.path.join(
-                iter_dir, mio.rank_dir_name(tp_rank, pp_rank, pp), OPTIM_FILE))
+        _load_optimizer(args, payload, optimizer)
         scheduler.load_state_dict(payload["opt_param_scheduler"])
     rngs = payload.get("rng_state") or []
     if not args.no_load_rng and len(rngs) == ps.get_data_parallel_world_size():

@@ -43,6 +43,33 @@ def _check_prefixes(prefixes):
                                         f"python -m megatron_patch.data.preprocess)")
 
 
+def effective_split(split: str, sizes: list[int], prefixes: list[str] | None) -> str:
+    """``--split`` with the splits nobody asks for zeroed, after checking that every split that
+    is asked for has documents (megatron-core's GPTDataset loops forever on an empty one)."""
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError as err:
+        raise ValueError(f"--split '{split}' must be comma-separated numbers") from err
+    weights = (weights + [0.0] * 3)[:3]
+    weights = [w if size else 0.0 for w, size in zip(weights, sizes)]
+    total = sum(weights)
+    if not total:
+        raise ValueError(f"--split '{split}' gives the training split no documents")
+    if prefixes:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        names = ("train", "valid", "test")
+        for prefix in prefixes:
+            documents = len(IndexedDataset(prefix))
+            for name, weight in zip(names, weights):
+                if weight and round(weight / total * documents) == 0:
+                    raise ValueError(
+                        f"--split '{split}': the {name} split of {prefix} gets no documents "
+                        f"({documents} in all); use more data, another --split, or "
+                        f"--eval-iters 0")
+    return ",".join(f"{w:g}" for w in weights)
+
+
 def build_pretrain_datasets(args, tokenizer, vocab_size: int):
     """(train, valid, test) GPTDatasets sized for the whole run."""
     import torch.distributed as dist
@@ -54,15 +81,16 @@ def build_pretrain_datasets(args, tokenizer, vocab_size: int):
     tokenizer = tokenizer or VocabOnlyTokenizer(vocab_size)
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters else 0
-    sizes = [args.train_iters * gbs, evals * gbs, args.eval_iters * gbs]
+    sizes = [args.train_iters * gbs, evals * gbs, 0]  # no test-set evaluation
     blend = None
     if not args.mock_data:
         if not args.data_path:
             raise ValueError("give --data-path (mmap prefixes) or --mock-data")
         blend = parse_blend(args.data_path)
         _check_prefixes(blend[0])
+    split = effective_split(args.split, sizes, blend[0] if blend else None)
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, split=args.split,
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, split=split,
         path_to_cache=args.data_cache_path, tokenizer=tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         mid_level_dataset_surplus=0.005)

@@ -1,0 +1,205 @@
+"""Training: exact resume (also after kill -9 and a crash mid-save), layout invariance across
+TP/PP/DP, SFT loss masking against HF transformers, and trained checkpoints converting back.
+
+One tiny llama (converted from a random HF checkpoint) and one mmap dataset built from the
+standard library's docstrings serve every test; runs are subprocesses (torchrun for 2 ranks).
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from helpers import run_python, run_torchrun, save_tiny_llama, train_tiny_tokenizer
+from megatron_patch.convert import engine
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    tok = train_tiny_tokenizer(str(root / "tok"), vocab_size=500)
+    # 512 rows: a multiple of 128, so Megatron's softmax has no padding classes and its loss
+    # is directly comparable with HF's (the 500-token tokenizer uses the first 500).
+    hf = save_tiny_llama(str(root / "hf"), vocab_size=512)
+    for name in os.listdir(tok):
+        shutil.copy(os.path.join(tok, name), hf)
+    engine.convert_hf_to_megatron(hf, str(root / "mg"), progress=False)
+    from megatron_patch.data.corpus import iter_stdlib_docstrings
+
+    with open(root / "docs.jsonl", "w") as handle:
+        for _, text in zip(range(500), iter_stdlib_docstrings()):
+            handle.write(json.dumps({"text": text}) + "\n")
+    run_python(["-m", "megatron_patch.data.preprocess", "--input", str(root / "docs.jsonl"),
+                "--output-prefix", str(root / "data"), "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", tok, "--append-eod",
+                "--workers", "1"])
+    return root
+
+
+def pretrain_args(work, metrics, *extra, iters=ITERS):
+    return ["--load", str(work / "mg"), "--data-path", str(work / "data_text_document"),
+            "--data-cache-path", str(work / "cache"), "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-3",
+            "--train-iters", str(iters), "--eval-iters", "0", "--log-interval", "1",
+            "--metrics-file", str(metrics), *extra]
+
+
+def losses(metrics):
+    rows = [json.loads(line) for line in open(metrics)]
+    return {r["iteration"]: r["lm_loss"] for r in rows if "lm_loss" in r}
+
+
+def pretrain(work, metrics, *extra, nproc=1, iters=ITERS):
+    args = ["-m", "megatron_patch.pretrain", *pretrain_args(work, metrics, *extra, iters=iters)]
+    return run_torchrun(args, nproc=nproc) if nproc > 1 else run_python(args)
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    """An uninterrupted single-process run: iteration -> loss."""
+    pretrain(work, work / "reference.jsonl")
+    return losses(work / "reference.jsonl")
+
+
+def latest(path):
+    return open(os.path.join(path, "latest_checkpointed_iteration.txt")).read().strip()
+
+
+def test_stop_and_resume_is_bit_identical(work, reference, tmp_path):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    out = pretrain(work, metrics, "--save", str(ckpt), "--exit-interval", "3").stdout
+    assert latest(ckpt) == "3" and "saved checkpoint at iteration 3" in out
+    run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, metrics),
+                "--load", str(ckpt), "--save", str(ckpt)])
+    resumed = losses(metrics)
+    assert sorted(resumed) == list(range(1, ITERS + 1))
+    assert resumed == reference  # every iteration, bit for bit
+
+
+def test_resume_after_kill_9_between_saves(work, reference, tmp_path):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = pretrain_args(work, metrics, "--save", str(ckpt), "--save-interval", "2")
+    crashed = run_python(["tests/dist/train_and_die.py", "--die-after-iteration", "3", *args],
+                         check=False)
+    assert crashed.returncode == -9
+    assert latest(ckpt) == "2"
+    run_python(["-m", "megatron_patch.pretrain", *args, "--load", str(ckpt)])
+    resumed = losses(metrics)  # iterations 1..3 from the crashed run, 3..6 from the resumed one
+    assert {i: resumed[i] for i in range(3, ITERS + 1)} == \
+        {i: reference[i] for i in range(3, ITERS + 1)}
+
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint(work, reference, tmp_path):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = pretrain_args(work, metrics, "--save", str(ckpt), "--save-interval", "2")
+    crashed = run_python(["tests/dist/train_and_die.py", "--die-in-save", "4", *args],
+                         check=False)
+    assert crashed.returncode == -9
+    assert latest(ckpt) == "2"
+    assert os.path.isdir(ckpt / "iter_0000004.tmp") and not os.path.exists(ckpt / "iter_0000004")
+    run_python(["-m", "megatron_patch.pretrain", *args, "--load", str(ckpt)])
+    assert latest(ckpt) == str(ITERS) and not os.path.exists(ckpt / "iter_0000004.tmp")
+    resumed = losses(metrics)
+    assert {i: resumed[i] for i in range(3, ITERS + 1)} == \
+        {i: reference[i] for i in range(3, ITERS + 1)}
+
+
+def test_resume_is_exact_with_dp2_and_the_distributed_optimizer(work, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    flags = ["--use-distributed-optimizer"]
+    pretrain(work, tmp_path / "full.jsonl", *flags, nproc=2)
+    pretrain(work, tmp_path / "part.jsonl", *flags, "--save", str(ckpt), "--exit-interval", "3",
+             nproc=2)
+    assert sorted(os.listdir(ckpt / "iter_0000003" / "mp_rank_00")) == [
+        "distrib_optim.pt", "model_optim_rng.pt"]
+    run_torchrun(["-m", "megatron_patch.pretrain",
+                  *pretrain_args(work, tmp_path / "part.jsonl", *flags), "--load", str(ckpt)])
+    assert losses(tmp_path / "part.jsonl") == losses(tmp_path / "full.jsonl")
+
+
+# Fp32 on CPU: TP splits matmuls and reductions, PP only moves activations, DP averages
+# gradients of half batches, so the losses may differ by float rounding only.
+LAYOUT_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
+                                    ["--pipeline-model-parallel-size", "2"],
+                                    [],  # DP2
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
+                         ids=["tp2", "pp2", "dp2", "tp2-sp"])
+def test_first_losses_agree_across_layouts(work, reference, tmp_path, layout):
+    pretrain(work, tmp_path / "m.jsonl", *layout, nproc=2)
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(reference)
+    for iteration, loss in reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
+
+
+def test_trained_checkpoint_converts_to_hf_with_matching_logits(work, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    pretrain(work, tmp_path / "m.jsonl", "--save", str(ckpt), "--pipeline-model-parallel-size",
+             "2", nproc=2, iters=2)
+    engine.convert_megatron_to_hf(str(ckpt), str(tmp_path / "hf"), progress=False)
+    proc = run_python(["tests/dist/check_logits.py", "--hf", str(tmp_path / "hf"), "--mg",
+                       str(ckpt)])
+    assert "max_abs_diff" in proc.stdout
+    trained = engine.HFReader(str(tmp_path / "hf")).get("model.norm.weight")
+    original = engine.HFReader(str(work / "hf")).get("model.norm.weight")
+    assert not torch.equal(trained, original)  # it is the trained model that came back
+
+
+# ----------------------------------------------------------------------------- SFT
+
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{}\n\n### Response:")
+
+
+def hf_response_loss(hf_dir, records) -> float:
+    """Mean cross-entropy over response tokens (and the closing EOS) computed with HF
+    transformers, independently of megatron_patch's SFT code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for record in records:
+        prompt = tok(ALPACA.format(record["instruction"])).input_ids
+        response = tok(record["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        targets = ids[0, 1:]
+        token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        total += token_losses[len(prompt) - 1:].sum().item()
+        count += len(response)
+    return total / count
+
+
+def test_sft_loss_covers_responses_only(work, tmp_path):
+    records = [{"instruction": f"Write the number {i} in words.", "input": "",
+                "output": f"The number {i} is written out here."} for i in range(4)]
+    (tmp_path / "sft.json").write_text(json.dumps(records))
+    run_python(["-m", "megatron_patch.finetune", "--load", str(work / "mg"), "--train-data",
+                str(tmp_path / "sft.json"), "--micro-batch-size", "2", "--global-batch-size",
+                "4", "--seq-length", "256", "--lr", "1e-3", "--train-iters", "1",
+                "--metrics-file", str(tmp_path / "m.jsonl"), "--eval-iters", "0"])
+    first = losses(tmp_path / "m.jsonl")[1]  # measured before the first update
+    assert first == pytest.approx(hf_response_loss(str(work / "hf"), records), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data-path", "/nonexistent/prefix"], "/nonexistent/prefix.bin not found"),
+    (["--global-batch-size", "3"], "--global-batch-size 3 is not a multiple"),
+    (["--tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size 3"),
+])
+def test_bad_flags_fail_with_a_clear_message(work, tmp_path, extra, message):
+    proc = run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, tmp_path / "m"),
+                       *extra], check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
