@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch.generation.engine import BACKENDS
 from megatron_patch.generation.sampling import SamplingParams
 
-BACKEND_CHOICES = ("auto", "mcore", "static", "graph", "graph-compiled", "uncached")
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def _positive(text: str) -> int:

@@ -7,12 +7,16 @@ hundreds of small kernels launched from Python. :class:`GraphBackend` captures
 launch. Windows are rounded up to ``WINDOW_BUCKET`` slots: a step reads at most that many
 masked, empty slots more than it needs, and a whole generation uses a handful of graphs.
 
-With ``compile=True`` each decode step runs its transformer layers through one
-``torch.compile``d function (regional compilation: every layer has the same code, so one
-compiled graph serves all of them; it fuses the rotary embedding, norms and SwiGLU, about half
-of a layer's kernels), and the compiled step is what is captured.
+With ``compile_mode`` set (``"default"``, or another ``torch.compile`` mode) each decode step
+runs its transformer layers through one ``torch.compile``d function (regional compilation:
+every layer has the same code, so one compiled graph serves all of them; it fuses the rotary
+embedding, norms and SwiGLU, most of a layer's small kernels), and the compiled step is what is
+captured.
 """
 from __future__ import annotations
+
+import warnings
+from typing import Optional
 
 import torch
 
@@ -27,18 +31,37 @@ def run_layer(layer, hidden, mask, rope):
     return output
 
 
+def compile_layer_function(mode: str):
+    """``run_layer`` under ``torch.compile``, one static-shape compilation per batch size and
+    window (a shape compiled dynamically runs slower kernels; the benchmark measured it).
+
+    megatron-core 0.16.1's RowParallelLinear passes ``tp_group=None`` and so calls
+    ``warnings.warn`` (a deprecation notice) in every forward on rank 0. Dynamo cannot trace
+    ``warnings.warn``: it split each layer there, inside an activation-offloading context it
+    cannot resume in, and left most of the layer uncompiled (68 graph breaks in the H200
+    benchmark). While the compiled function runs, dynamo is told to skip that call."""
+    import torch._dynamo.config as dynamo_config
+
+    ignore = ("ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions")
+              else "ignore_logger_methods")  # the older name (torch < 2.12)
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    compiled = torch.compile(run_layer, mode=None if mode == "default" else mode, dynamic=False)
+    return dynamo_config.patch({ignore: {warnings.warn}, limit: 64})(compiled)
+
+
 class GraphBackend(StaticBackend):
     """:class:`StaticBackend` whose decode steps are CUDA-graph replays."""
 
-    def __init__(self, model, max_length: int, compile: bool = False):
+    def __init__(self, model, max_length: int, compile_mode: Optional[str] = None,
+                 window_bucket: int = WINDOW_BUCKET):
         if not torch.cuda.is_available():
             raise ValueError("the 'graph' backend needs a GPU; use --inference-backend static "
                              "(the same math, eager) or mcore")
-        super().__init__(model, max_length, WINDOW_BUCKET)
+        super().__init__(model, max_length, window_bucket)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        if compile:
-            self.run_layer = torch.compile(run_layer)
+        if compile_mode:
+            self.run_layer = compile_layer_function(compile_mode)
 
     def step(self, tokens):
         self._check_room(self.next_slot + 1)

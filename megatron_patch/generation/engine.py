@@ -27,7 +27,7 @@ BACKENDS = {
     "mcore": McoreBackend,          # megatron-core's StaticInferenceContext
     "static": StaticBackend,        # our static cache, eager (same math as graph)
     "graph": GraphBackend,          # our static cache, decode steps as CUDA graphs (GPU)
-    "graph-compiled": functools.partial(GraphBackend, compile=True),
+    "graph-compiled": functools.partial(GraphBackend, compile_mode="default"),
     "uncached": UncachedBackend,    # reference: re-run the whole sequence each step
 }
 # On a GPU a stop check (a device -> host copy) every step would stall the launch queue.

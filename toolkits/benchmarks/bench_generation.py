@@ -102,9 +102,19 @@ def build_models(size: str, precision: str, device):
     return ours, hf, args
 
 
-def time_ours(model, backend_name, prompts, new_tokens, vocab_size, warmup_tokens):
+def make_backend(name: str, model, max_length: int, opts):
+    """Backend ``name``; the CUDA-graph ones with ``--window-bucket`` / ``--compile-mode``."""
+    if not name.startswith("graph"):
+        return build_backend(name, model, max_length)
+    from megatron_patch.generation.cuda_graphs import GraphBackend
+
+    mode = opts.compile_mode if name == "graph-compiled" else None
+    return GraphBackend(model, max_length, compile_mode=mode, window_bucket=opts.window_bucket)
+
+
+def time_ours(model, backend_name, prompts, new_tokens, vocab_size, warmup_tokens, opts):
     """(decode tokens/s, prompt+decode tokens/s) of our engine."""
-    backend = build_backend(backend_name, model, prompts.size(1) + new_tokens)
+    backend = make_backend(backend_name, model, prompts.size(1) + new_tokens, opts)
     rows = prompts.tolist()
     generate_batch(backend, rows, GREEDY, Limits(warmup_tokens, None, 0, vocab_size))
     _, stats = generate_batch(backend, rows, GREEDY, Limits(new_tokens, None, 0, vocab_size))
@@ -163,7 +173,7 @@ def tiny_checkpoint(scratch: str) -> str:
     return scratch
 
 
-def parity(backends, device, new_tokens: int = 16) -> dict:
+def parity(backends, device, opts, new_tokens: int = 16) -> dict:
     """Greedy tokens of each backend (one batch, prompts of different lengths) against HF
     ``generate`` on each prompt alone, through a converted tiny fp32 checkpoint."""
     from transformers import LlamaForCausalLM
@@ -185,7 +195,7 @@ def parity(backends, device, new_tokens: int = 16) -> dict:
     report = {}
     for name in backends:
         try:
-            got, _ = generate_batch(build_backend(name, model, 64), prompts, GREEDY,
+            got, _ = generate_batch(make_backend(name, model, 64, opts), prompts, GREEDY,
                                     Limits(new_tokens, None, 0, vocab))
         except Exception as err:  # report it with the rest
             report[name] = {"equal": False, "error": f"{type(err).__name__}: {err}"[:400]}
@@ -193,6 +203,52 @@ def parity(backends, device, new_tokens: int = 16) -> dict:
         same = sum(a == b for c, e in zip(got, expected) for a, b in zip(c.ids, e))
         report[name] = {"equal": [c.ids for c in got] == expected,
                         "tokens_equal": f"{same}/{len(prompts) * new_tokens}"}
+    return report
+
+
+def kernel_table(prof, steps: int) -> dict:
+    """Per decode step: kernel count, GPU busy time and the 12 most expensive kernels."""
+    def time_of(event):  # renamed from self_cuda_time_total in torch 2.4
+        total = getattr(event, "self_device_time_total", None)
+        return event.self_cuda_time_total if total is None else total
+
+    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")
+               and time_of(e) > 0]
+    kernels.sort(key=time_of, reverse=True)
+    return {"kernels_per_step": sum(e.count for e in kernels) / steps,
+            "busy_us_per_step": sum(time_of(e) for e in kernels) / steps,
+            "top": [(e.key[:90], round(time_of(e) / steps, 1), e.count / steps)
+                    for e in kernels[:12]]}
+
+
+def profile_step(ours, name: str, batch: int, shape: dict, vocab_size: int, opts) -> dict:
+    """The kernels of one decode step of a CUDA-graph backend (run eagerly: the same kernels
+    its graph replays) and the time of one replay, so launch gaps show as the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_patch.generation.batching import left_pad
+
+    device, steps = next(ours.parameters()).device, 10
+    backend = make_backend(name, ours, shape["prompt"] + shape["new"], opts)
+    rows = torch.randint(3, vocab_size, (batch, shape["prompt"])).tolist()
+    generate_batch(backend, rows, GREEDY, Limits(shape["new"], None, 0, vocab_size))
+    backend.start(*left_pad(rows, 0, device))
+    window = backend.window()
+    with torch.no_grad(), backend.cache_active(), \
+            profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            backend.decode_step(window)
+        synchronize(device)
+    report = kernel_table(prof, steps)
+    if not hasattr(backend, "graphs"):
+        return report
+    graph, _ = backend.graphs[window]
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(50):
+        graph.replay()
+    synchronize(device)
+    report["replay_us_per_step"] = (time.perf_counter() - began) / 50 * 1e6
     return report
 
 
@@ -215,11 +271,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int):
+def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int, opts):
     """(decode tokens/s, prompt+decode tokens/s) of one stack at one batch."""
     warm = shape["new"] if stack in GPU_ONLY else 8  # graphs/compile: capture every window
     if stack in OURS:
-        return time_ours(ours, OURS[stack], prompts, shape["new"], vocab_size, warm)
+        return time_ours(ours, OURS[stack], prompts, shape["new"], vocab_size, warm, opts)
     return time_hf(hf, prompts, shape["new"], HF[stack], warm)
 
 
@@ -236,12 +292,20 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="write the results as JSON here (after every row)")
     parser.add_argument("--max-seconds", type=float, default=1e9,
                         help="skip the remaining stacks once this much time has passed")
+    parser.add_argument("--window-bucket", type=int, default=128,
+                        help="cache slots a CUDA-graph decode step reads, rounded up to this")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode of the compiled CUDA-graph backend")
+    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU: the kernels of one decode step of the CUDA-graph stacks")
     return parser.parse_args(argv)
 
 
-def timed_rows(stacks, shape, device, results, opts, started) -> None:
+def timed_rows(stacks, shape, models, results, opts, started) -> None:
     """One row per stack and batch size, appended to ``results`` (saved after each)."""
-    ours, hf, args = build_models(shape["size"], shape["precision"], device)
+    ours, hf, args = models
+    device = next(ours.parameters()).device
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bandwidth = copy_bandwidth(device, 2048 if device.type == "cuda" else 64)
     results.update(weight_bytes=weight_bytes, copy_bandwidth=bandwidth, rows=[])
@@ -257,12 +321,30 @@ def timed_rows(stacks, shape, device, results, opts, started) -> None:
                                         device=device)
                 try:
                     row["decode_tps"], row["e2e_tps"] = measure(stack, ours, hf, prompts,
-                                                                shape, args.vocab_size)
+                                                                shape, args.vocab_size, opts)
                     row["of_bound"] = row["decode_tps"] / (batch * bandwidth / weight_bytes)
                 except Exception as err:  # report and go on: one stack must not lose the rest
                     row["note"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+            save(results, opts.output)
+
+
+def profiles(stacks, shape, models, results, opts) -> None:
+    """``--profile``: kernels of a decode step of each CUDA-graph stack at each batch size."""
+    ours, _, args = models
+    results["profile"] = {}
+    for stack in stacks:
+        if not OURS.get(stack, "").startswith("graph"):
+            continue
+        for batch in shape["batches"]:
+            key = f"{stack} | batch {batch}"
+            try:
+                results["profile"][key] = profile_step(ours, OURS[stack], batch, shape,
+                                                       args.vocab_size, opts)
+            except Exception as err:  # a profile is a diagnosis; never lose the timings
+                results["profile"][key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            print(key, json.dumps(results["profile"][key], indent=1), flush=True)
             save(results, opts.output)
 
 
@@ -277,13 +359,21 @@ def main(argv=None) -> int:
     # Compiling is slow: the compiled backend's parity is checked last, after the timings.
     early = [OURS[s] for s in stacks if s in OURS and OURS[s] != "graph-compiled"]
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "shape": shape,
-               "parity": parity(early + ["uncached"], device)}
-    print("parity with HF greedy:", json.dumps(results["parity"]), flush=True)
-    timed_rows(stacks, shape, device, results, opts, started)
-    if "ours: CUDA graphs + torch.compile" in stacks and \
+               "options": vars(opts), "parity": {}}
+    if not opts.skip_parity:
+        results["parity"] = parity(early + ["uncached"], device, opts)
+        print("parity with HF greedy:", json.dumps(results["parity"]), flush=True)
+    models = build_models(shape["size"], shape["precision"], device)
+    timed_rows(stacks, shape, models, results, opts, started)
+    if opts.profile and gpu:
+        profiles(stacks, shape, models, results, opts)
+    if "ours: CUDA graphs + torch.compile" in stacks and not opts.skip_parity and \
             time.perf_counter() - started < opts.max_seconds:
-        results["parity"].update(parity(["graph-compiled"], device))
+        results["parity"].update(parity(["graph-compiled"], device, opts))
         print("parity of graph-compiled:", json.dumps(results["parity"]["graph-compiled"]))
+        from torch._dynamo.utils import counters  # graph breaks hide kernels from fusion
+
+        results["dynamo"] = {key: dict(counters[key]) for key in ("stats", "graph_break")}
     save(results, opts.output)
     print(table(results["rows"]))
     compat.destroy_parallel()
