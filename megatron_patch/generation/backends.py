@@ -22,9 +22,12 @@ class Backend:
         self.max_length = max_length
 
     def start(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run left-padded prompts ``tokens`` [b, s] (``valid`` False on padding); returns the
+        last position's logits [b, padded vocab]."""
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ([b]); returns the new position's logits."""
         raise NotImplementedError
 
     def _check_room(self, length: int) -> None:

@@ -19,6 +19,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, grouped as ``--help`` shows them."""
     parser = argparse.ArgumentParser(
         prog="python -m megatron_patch.generate",
         description="Complete prompts with a Megatron checkpoint (KV cache, top-k / top-p "
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_params(opts: argparse.Namespace) -> SamplingParams:
+    """The sampling flags, checked (ValueError naming the flag)."""
     return SamplingParams(top_k=opts.top_k, top_p=opts.top_p, temperature=opts.temperature,
                           repetition_penalty=opts.repetition_penalty)
 

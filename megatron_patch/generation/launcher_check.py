@@ -29,6 +29,7 @@ def check(family_name: str, model_size: str, tokenizer: str) -> tuple[int, str]:
 
 
 def main(argv=None) -> int:
+    """Command line: exit code 0 (flag and value printed) or 2 (problem printed)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
         print("usage: python -m megatron_patch.generation.launcher_check FAMILY MODEL_SIZE "

@@ -43,6 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """``--top-k 1``: argmax, no random draw."""
         return self.top_k == 1
 
 
@@ -56,6 +57,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen (< 1) or flatten (> 1) the distribution."""
     return logits / temperature
 
 

@@ -20,6 +20,7 @@ from megatron_patch.generation.sampling import SamplingParams
 
 
 def data_parallel_rank_and_size() -> tuple[int, int]:
+    """This model replica's index and the number of replicas."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -28,6 +29,7 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
 
 
 def is_first_rank() -> bool:
+    """Global rank 0 (or no torch.distributed at all)."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

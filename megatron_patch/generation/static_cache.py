@@ -119,6 +119,7 @@ class DecodeState:
 
     @classmethod
     def empty(cls, batch: int, max_length: int, device) -> "DecodeState":
+        """Zeroed state for ``batch`` rows (``StaticBackend.start`` fills it)."""
         long = dict(dtype=torch.long, device=device)
         return cls(torch.zeros(batch, 1, **long), torch.zeros(1, **long),
                    torch.zeros(batch, 1, **long),

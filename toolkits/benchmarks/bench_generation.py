@@ -113,14 +113,18 @@ def make_backend(name: str, model, max_length: int, opts):
 
 
 def time_ours(model, backend_name, prompts, new_tokens, vocab_size, warmup_tokens, opts):
-    """(decode tokens/s, prompt+decode tokens/s) of our engine."""
+    """Decode and prompt+decode tokens/s of our engine, and the warm-up's seconds (CUDA-graph
+    captures and compilation happen there)."""
+    began = time.perf_counter()
     backend = make_backend(backend_name, model, prompts.size(1) + new_tokens, opts)
     rows = prompts.tolist()
     generate_batch(backend, rows, GREEDY, Limits(warmup_tokens, None, 0, vocab_size))
+    warmup = time.perf_counter() - began
     _, stats = generate_batch(backend, rows, GREEDY, Limits(new_tokens, None, 0, vocab_size))
     batch = len(rows)
-    return (batch * stats.decode_steps / stats.decode_seconds,
-            batch * new_tokens / (stats.prefill_seconds + stats.decode_seconds))
+    return dict(decode_tps=batch * stats.decode_steps / stats.decode_seconds,
+                e2e_tps=batch * new_tokens / (stats.prefill_seconds + stats.decode_seconds),
+                warmup_s=warmup)
 
 
 class FirstStepClock:
@@ -137,7 +141,7 @@ class FirstStepClock:
 
 
 def time_hf(model, prompts, new_tokens, extra: dict, warmup_tokens):
-    """(decode tokens/s, prompt+decode tokens/s) of HF ``generate``."""
+    """Decode and prompt+decode tokens/s of HF ``generate``, and the warm-up's seconds."""
     from transformers import LogitsProcessorList
 
     device = prompts.device
@@ -152,10 +156,12 @@ def time_hf(model, prompts, new_tokens, extra: dict, warmup_tokens):
         synchronize(device)
         return began, clock.first, time.perf_counter()
 
-    run(warmup_tokens)
+    began, _, end = run(warmup_tokens)
+    warmup = end - began
     began, first, end = run(new_tokens)
     batch = prompts.size(0)
-    return batch * (new_tokens - 1) / (end - first), batch * new_tokens / (end - began)
+    return dict(decode_tps=batch * (new_tokens - 1) / (end - first),
+                e2e_tps=batch * new_tokens / (end - began), warmup_s=warmup)
 
 
 def tiny_checkpoint(scratch: str) -> str:
@@ -257,22 +263,21 @@ def table(rows: list[dict]) -> str:
     compiled = {r["batch"]: r["decode_tps"] for r in rows
                 if r["stack"] == "HF static cache + torch.compile" and "decode_tps" in r}
     lines = ["| stack | batch | decode tokens/s | prompt+decode tokens/s | of bound | "
-             "x HF compiled |", "| --- | --- | --- | --- | --- | --- |"]
+             "x HF compiled | warm-up s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if "decode_tps" not in row:
-            lines.append(f"| {row['stack']} | {row['batch']} | {row['note']} | | | |")
+            lines.append(f"| {row['stack']} | {row['batch']} | {row['note']} | | | | |")
             continue
         versus = compiled.get(row["batch"])
+        ratio = f"{row['decode_tps'] / versus:.2f}" if versus else ""
         lines.append(f"| {row['stack']} | {row['batch']} | {row['decode_tps']:,.0f} | "
-                     f"{row.get('e2e_tps', 0):,.0f} | {row['of_bound']:.0%} | "
-                     f"{row['decode_tps'] / versus:.2f} |" if versus else
-                     f"| {row['stack']} | {row['batch']} | {row['decode_tps']:,.0f} | "
-                     f"{row.get('e2e_tps', 0):,.0f} | {row['of_bound']:.0%} | |")
+                     f"{row['e2e_tps']:,.0f} | {row['of_bound']:.0%} | {ratio} | "
+                     f"{row['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
-def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int, opts):
-    """(decode tokens/s, prompt+decode tokens/s) of one stack at one batch."""
+def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int, opts) -> dict:
+    """decode_tps, e2e_tps (prompt+decode) and warmup_s of one stack at one batch."""
     warm = shape["new"] if stack in GPU_ONLY else 8  # graphs/compile: capture every window
     if stack in OURS:
         return time_ours(ours, OURS[stack], prompts, shape["new"], vocab_size, warm, opts)
@@ -320,8 +325,7 @@ def timed_rows(stacks, shape, models, results, opts, started) -> None:
                 prompts = torch.randint(3, args.vocab_size, (batch, shape["prompt"]),
                                         device=device)
                 try:
-                    row["decode_tps"], row["e2e_tps"] = measure(stack, ours, hf, prompts,
-                                                                shape, args.vocab_size, opts)
+                    row.update(measure(stack, ours, hf, prompts, shape, args.vocab_size, opts))
                     row["of_bound"] = row["decode_tps"] / (batch * bandwidth / weight_bytes)
                 except Exception as err:  # report and go on: one stack must not lose the rest
                     row["note"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
