@@ -1,0 +1,148 @@
+"""Training throughput: megatron_patch's pretrain loop against HF transformers, same shape,
+same run.
+
+Default shape (~0.95B parameters): llama, hidden 2048, 16 layers, 16 heads, FFN 5632, vocab
+32000, sequence 2048, micro-batch 4, bf16, one GPU. For each stack it prints tokens/s,
+TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
+
+  ours            python -m megatron_patch.pretrain --mock-data --bf16 (SDPA core attention)
+  ours+compile    same with --compile-layers (each transformer layer under torch.compile)
+  ours(local)     megatron-core's unfused DotProductAttention, for reference
+  hf eager        LlamaForCausalLM (sdpa), bf16 autocast, fused AdamW
+  hf compiled     the same under torch.compile
+
+    python toolkits/benchmarks/bench_training.py            # on a GPU
+    python toolkits/benchmarks/bench_training.py --tiny     # small shape on CPU (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPE = dict(num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
+             vocab_size=32000)
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
+            vocab_size=512)
+
+
+def megatron_flops(shape: dict, batch: int, seq: int) -> float:
+    """Megatron-LM's FLOPs per iteration (the trainer's own formula)."""
+    from megatron_patch.families.base import ModelArgs
+    from megatron_patch.training.metrics import flops_per_iteration
+
+    args = ModelArgs(family="llama", **shape)
+    return flops_per_iteration(args, batch, seq, shape["vocab_size"])
+
+
+def run_ours(shape, opts, extra: list[str]) -> dict:
+    """Our pretrain loop in a subprocess; figures from its metrics file (after warm-up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "metrics.jsonl")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+               "--master-port=29517", "-m", "megatron_patch.pretrain", "--model-family",
+               "llama", "--model-size", "1B" if not opts.tiny else "tiny",
+               "--mock-data", "--micro-batch-size", str(opts.micro_batch_size),
+               "--seq-length", str(opts.seq_length), "--lr", "1e-4",
+               "--train-iters", str(opts.steps), "--eval-iters", "0",
+               "--log-interval", str(opts.steps), "--metrics-file", metrics] + extra
+        if not opts.tiny:
+            cmd.append("--bf16")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            return {"error": proc.stderr[-2000:]}
+        rows = [json.loads(line) for line in open(metrics) if "lm_loss" in line]
+    rows = rows[opts.warmup:]
+    seconds = statistics.median(r["iteration_time_s"] for r in rows)
+    return {"tokens_per_sec": opts.micro_batch_size * opts.seq_length / seconds,
+            "seconds": seconds, "peak_gib": max(r["memory_gib"] for r in rows),
+            "loss": rows[-1]["lm_loss"]}
+
+
+def run_hf(shape, opts, compiled: bool) -> dict:
+    """LlamaForCausalLM training steps in this process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                         intermediate_size=shape["ffn_hidden_size"],
+                         num_hidden_layers=shape["num_layers"],
+                         num_attention_heads=shape["num_attention_heads"],
+                         max_position_embeddings=opts.seq_length, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    step_model = torch.compile(model) if compiled else model
+    ids = torch.randint(0, shape["vocab_size"], (opts.micro_batch_size, opts.seq_length),
+                        device=device)
+    times = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(opts.steps):
+        start = time.time()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not opts.tiny):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - start)
+    seconds = statistics.median(times[opts.warmup:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    del model, optimizer, step_model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"tokens_per_sec": opts.micro_batch_size * opts.seq_length / seconds,
+            "seconds": seconds, "peak_gib": peak, "loss": loss.item()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="small shape, CPU smoke test")
+    parser.add_argument("--steps", type=int, default=None, help="iterations per stack")
+    parser.add_argument("--warmup", type=int, default=None, help="iterations not timed")
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--seq-length", type=int, default=None)
+    parser.add_argument("--stacks", default="ours,ours+compile,ours(local),hf eager,hf compiled")
+    opts = parser.parse_args(argv)
+    shape = TINY if opts.tiny else SHAPE
+    opts.seq_length = opts.seq_length or (64 if opts.tiny else 2048)
+    opts.steps = opts.steps or (6 if opts.tiny else 20)
+    opts.warmup = opts.warmup if opts.warmup is not None else (2 if opts.tiny else 5)
+    stacks = {
+        "ours": lambda: run_ours(shape, opts, []),
+        "ours+compile": lambda: run_ours(shape, opts, ["--compile-layers"]),
+        "ours(local)": lambda: run_ours(shape, opts, ["--attention-backend", "local"]),
+        "hf eager": lambda: run_hf(shape, opts, False),
+        "hf compiled": lambda: run_hf(shape, opts, True),
+    }
+    flops = megatron_flops(shape, opts.micro_batch_size, opts.seq_length)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"shape {shape}, seq {opts.seq_length}, micro-batch {opts.micro_batch_size}, "
+          f"{'fp32' if opts.tiny else 'bf16'}, {opts.steps} steps ({opts.warmup} warm-up), {gpu}")
+    print(f"{'stack':<14} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'loss':>8}")
+    results = {}
+    for name in [s.strip() for s in opts.stacks.split(",")]:
+        result = results[name] = stacks[name]()
+        if "error" in result:
+            print(f"{name:<14} failed: {result['error']}")
+            continue
+        print(f"{name:<14} {result['tokens_per_sec']:>10.0f} {flops / result['seconds'] / 1e12:>8.1f}"
+              f" {result['peak_gib']:>9.1f} {result['loss']:>8.3f}", flush=True)
+    base = results.get("hf compiled", {}).get("tokens_per_sec")
+    if base and "tokens_per_sec" in results.get("ours", {}):
+        best = max(r.get("tokens_per_sec", 0) for k, r in results.items() if k.startswith("ours"))
+        print(f"best of ours / hf compiled: {best / base:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
