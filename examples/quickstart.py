@@ -172,8 +172,15 @@ def train_tokenizer(out: str, shards: str, setting: Setting, report: Report) -> 
     from megatron_patch.tokenizers.train import train_bpe_tokenizer
 
     report.stage(f"tokenizer: byte-level BPE, {setting.vocab_size} tokens, trained on the shards")
-    tokenizer = train_bpe_tokenizer(shard_texts(shards), setting.vocab_size,
-                                    os.path.join(out, "tokenizer"))
+    from transformers import AutoTokenizer
+
+    texts = shard_texts(shards)
+    tokenizer = train_bpe_tokenizer(texts, setting.vocab_size, os.path.join(out, "tokenizer"))
+    example = "Return the number of items in the list."
+    trained = AutoTokenizer.from_pretrained(tokenizer)
+    pieces = [trained.decode([i]) for i in trained(example)["input_ids"]]
+    report.line(f"trained on {len(texts)} documents; {example!r} -> {len(pieces)} tokens: "
+                f"{'|'.join(pieces)}")
     report.done(f"-> {tokenizer}")
     return tokenizer
 
