@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--bf16", action="store_true")
     model.add_argument("--fp16", action="store_true")
     model.add_argument("--inference-backend", choices=BACKEND_CHOICES, default="auto",
-                       help="KV cache: mcore (megatron-core StaticInferenceContext; the CPU "
-                            "default), static (ours), graph (ours + CUDA graphs; the GPU "
-                            "default), graph-compiled (+ torch.compile), uncached")
+                       help="KV cache: mcore (megatron-core StaticInferenceContext; the default "
+                            "on CPU and under TP > 1), static (ours, eager), graph (ours + CUDA "
+                            "graphs; the default on one GPU), graph-compiled (+ torch.compile: "
+                            "fastest, compiles per batch size and 128-token window), uncached")
     return parser
 
 

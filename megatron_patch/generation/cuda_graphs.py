@@ -12,6 +12,12 @@ runs its transformer layers through one ``torch.compile``d function (regional co
 every layer has the same code, so one compiled graph serves all of them; it fuses the rotary
 embedding, norms and SwiGLU, most of a layer's small kernels), and the compiled step is what is
 captured.
+
+Measured on one H200 (toolkits/benchmarks/bench_generation.py, ~1B Llama, bf16, 2026-11-28):
+graph 507 / 7,198 decode tokens/s at batch 1 / 16 (696 kernels a step); compiled 953 / 13,343
+(216 kernels, 0.96 ms a step of which 0.93 ms is kernel time). What is left: cuBLAS's skinny
+GEMMs read the weights at ~68% of the copy bandwidth (0.65 ms against 0.45), and cuDNN's SDPA
+with one query row takes 8 us a layer at batch 1 (0.13 ms a step).
 """
 from __future__ import annotations
 

@@ -35,10 +35,14 @@ STOP_CHECK_EVERY_GPU = 8
 
 
 def build_backend(name: str, model, max_length: int):
-    """Backend ``name`` (a key of BACKENDS, or ``auto``: graph on a GPU, mcore on the CPU)."""
+    """Backend ``name``: a key of BACKENDS, or ``auto``: ``graph`` on one GPU, ``mcore``
+    otherwise (on the CPU, and under tensor parallelism, where CUDA graphs over NCCL
+    all-reduces have not been measured yet). ``graph-compiled`` is the fastest on a GPU but
+    compiles once per batch size and attention window (seconds each), so it is asked for."""
     if name == "auto":
-        name = "graph" if torch.cuda.is_available() and next(model.parameters()).is_cuda \
-            else "mcore"
+        single_gpu = next(model.parameters()).is_cuda and \
+            model.config.tensor_model_parallel_size == 1
+        name = "graph" if single_gpu else "mcore"
     if name not in BACKENDS:
         raise ValueError(f"--inference-backend {name!r}: choose one of auto, "
                          f"{', '.join(BACKENDS)}")
