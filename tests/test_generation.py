@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -116,6 +117,21 @@ def test_greedy_batch_matches_hf_generate_tp1(loaded, hf_reference, backend):
 def test_batch_of_different_lengths_equals_each_prompt_alone(loaded, backend):
     alone = [run_backend(loaded, backend, [ids])[0] for ids in loaded.ids]
     assert run_backend(loaded, backend, loaded.ids) == alone
+
+
+@pytest.mark.parametrize("backend", ["mcore", "static"])
+def test_each_row_stops_at_its_own_eos(loaded, backend):
+    never = Limits(NEW_TOKENS, None, loaded.limits.pad_id, loaded.limits.vocab_size)
+    free = [c.ids for c in generate_batch(build_backend(backend, loaded.model, 64), loaded.ids,
+                                          GREEDY, never)[0]]
+    eos = free[0][2]  # row 0 stops after 3 tokens; the others where (if) they meet it
+    completions, _ = generate_batch(build_backend(backend, loaded.model, 64), loaded.ids,
+                                    GREEDY, replace(never, eos_id=eos))
+    for row, completion in zip(free, completions):
+        stop = row.index(eos) + 1 if eos in row else len(row)
+        assert completion.ids == row[:stop]
+        assert completion.finish_reason == ("eos" if eos in row else "length")
+    assert completions[0].finish_reason == "eos" and len(completions[0].ids) <= 3
 
 
 KV_BACKENDS = {"mcore": lambda model: McoreBackend(model, 64),
