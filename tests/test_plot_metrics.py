@@ -1,6 +1,8 @@
 """toolkits/plot_metrics.py: a PNG of loss / lr / throughput curves for several runs, and errors
 that name the file and line."""
 import json
+import os
+import runpy
 import subprocess
 import sys
 
@@ -62,3 +64,12 @@ def test_missing_matplotlib_says_how_to_install(tmp_path):
             f"runpy.run_path({PLOT!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and "pip install matplotlib" in proc.stderr
+
+
+def test_run_labels_keep_what_differs():
+    run_labels = runpy.run_path(os.path.join(REPO, PLOT))["run_labels"]
+    title, labels = run_labels(["a/dsw-pretrain-llama-tiny-lr-1e-3-tp-1.jsonl",
+                                "b/dsw-pretrain-llama-tiny-lr-1e-4-tp-1.jsonl"])
+    assert title == "dsw-pretrain-llama-tiny-lr-1e-*-tp-1" and labels == ["1e-3", "1e-4"]
+    assert run_labels(["a/x.jsonl", "b/x.jsonl"]) == ("", ["a/x.jsonl", "b/x.jsonl"])
+    assert run_labels(["out/run.jsonl"]) == ("run", [""])

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 # (panel title, y label, [(metrics key, line style, label suffix)])
 PANELS = (
@@ -59,13 +60,36 @@ def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def run_labels(paths: list[str]) -> list[str]:
-    """File names without .jsonl; the full path where two runs share a name."""
+def run_labels(paths: list[str]) -> tuple[str, list[str]]:
+    """(figure title, a label per run). Run names are the file names without .jsonl (the full
+    paths where two share a name); the '-'-separated words all of them share go to the title,
+    the words that differ label the runs (the launchers name runs by their settings)."""
     names = [os.path.basename(p).removesuffix(".jsonl") for p in paths]
-    return [p if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    if len(set(names)) < len(names):
+        names = list(paths)
+    if len(names) == 1:
+        return names[0], [""]
+    words = [name.split("-") for name in names]
+    shortest = min(map(len, words))
+    head = next((i for i in range(shortest) if len({w[i] for w in words}) > 1), shortest)
+    tail = next((i for i in range(shortest - head)
+                 if len({w[len(w) - 1 - i] for w in words}) > 1), shortest - head)
+    # The word before the first that differs is usually its key ("lr-1e-4"): keep it.
+    labels = [_elide("-".join(w[max(0, head - 1):len(w) - tail]) or n)
+              for w, n in zip(words, names)]
+    title = "-".join(words[0][:head] + ["*"] + words[0][len(words[0]) - tail:])
+    return (title if head or tail else ""), labels
 
 
-def draw(runs: list[tuple[str, dict]], output: str) -> None:
+def _elide(label: str, width: int = 60) -> str:
+    """``label``, its middle replaced by '...' when longer than ``width``."""
+    if len(label) <= width:
+        return label
+    keep = (width - 3) // 2
+    return f"{label[:keep]}...{label[-keep:]}"
+
+
+def draw(title: str, runs: list[tuple[str, dict]], output: str) -> None:
     """One figure, a panel per PANELS row, a line per run and key; written to ``output``."""
     import matplotlib
 
@@ -73,19 +97,20 @@ def draw(runs: list[tuple[str, dict]], output: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(PANELS), 1, figsize=(10, 3.2 * len(PANELS)), sharex=True)
-    for axis, (title, ylabel, keys) in zip(axes, PANELS):
+    for axis, (panel, ylabel, keys) in zip(axes, PANELS):
         for color, (label, series) in enumerate(runs):  # one colour per run in every panel
             for key, style, suffix in keys:
                 if key in series:
                     xs, ys = zip(*series[key])
                     axis.plot(xs, ys, style, color=f"C{color % 10}", markersize=3,
-                              label=f"{label} {suffix}".strip())
-        axis.set_title(title)
+                              label=f"{label} {suffix}".strip() or None)
+        axis.set_title(panel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-        if axis.lines:
+        if axis.get_legend_handles_labels()[1]:
             axis.legend(fontsize="small")
     axes[-1].set_xlabel("iteration")
+    figure.suptitle(textwrap.fill(title, 100), fontsize="small")
     figure.tight_layout()
     tmp = f"{output}.tmp.png"
     figure.savefig(tmp, dpi=100)
@@ -99,12 +124,14 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", default="metrics.png", help="PNG to write")
     args = parser.parse_args(argv)
     try:
-        runs = list(zip(run_labels(args.metrics), map(read_metrics, args.metrics)))
+        series = [read_metrics(path) for path in args.metrics]
     except MetricsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    title, labels = run_labels(args.metrics)
+    runs = list(zip(labels, series))
     try:
-        draw(runs, args.output)
+        draw(title, runs, args.output)
     except ImportError:
         print("error: plot_metrics.py needs matplotlib: pip install matplotlib "
               "(or pip install -e '.[plot]')", file=sys.stderr)
