@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import warnings
 
 import torch
@@ -269,26 +268,22 @@ def fix_megatron_core() -> None:
 # --------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def initialize_distributed() -> None:
-    """Start torch.distributed from torchrun's variables, or as one local process."""
+    """Start torch.distributed from torchrun's variables, or as one local process.
+
+    A single process uses an in-memory store: no port, no environment variables changed (a
+    process that starts others, like a test runner, must not hand them a rendezvous)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
 
 
 def initialize_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,

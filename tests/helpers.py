@@ -17,15 +17,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# A rendezvous of this process (if any) must not leak into the processes it starts.
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    env.update(extra or {})
+    return env
+
+
 def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run --nproc-per-node N <args>`` on CPU (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", *args]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    full_env.update(env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=child_env(env), cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -35,10 +45,8 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict 
 def run_python(args: list[str], timeout: int = 300, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root."""
-    full_env = dict(os.environ, PYTHONWARNINGS="ignore")
-    full_env.update(env or {})
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=REPO)
+                          timeout=timeout, env=child_env(env), cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
