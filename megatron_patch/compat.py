@@ -65,6 +65,17 @@ def require_megatron_core():
     return mcore
 
 
+def optional_accelerators() -> dict[str, bool]:
+    """Which optional packages are importable. None is required: megatron_patch's own path
+    (torch SDPA, torch.compile, its norms) runs without them; megatron-core uses apex's fused
+    kernels and optimizers by itself when it finds them."""
+    import importlib.util
+
+    return {name: importlib.util.find_spec(module) is not None for name, module in
+            (("apex", "apex"), ("flash-attn", "flash_attn"),
+             ("transformer-engine", "transformer_engine"))}
+
+
 def on_gpu() -> bool:
     """True when CUDA is usable (and CPU mode was not forced)."""
     return torch.cuda.is_available() and not os.environ.get("MEGATRON_PATCH_FORCE_CPU")

@@ -27,6 +27,9 @@ def _banner(args, plan, rank: int) -> None:
           f"{args.precision} | micro-batch {args.micro_batch_size}, global batch "
           f"{args.global_batch_size} ({args.num_microbatches} micro-batches), seq "
           f"{args.seq_length} | {'GPU' if compat.on_gpu() else 'CPU (gloo)'}", flush=True)
+    found = [name for name, ok in compat.optional_accelerators().items() if ok]
+    print(f"[megatron_patch] optional accelerators found: {', '.join(found) or 'none'} "
+          f"(none is required)", flush=True)
 
 
 def setup(args, data):

@@ -1,0 +1,107 @@
+"""compat (version check, MEGATRON_PATH, CPU mode) and the layers that replace megatron-core's
+(SDPA core attention, norms) against megatron-core's own modules."""
+import pytest
+import torch
+
+from helpers import run_python
+from megatron_patch import compat
+
+
+def test_unsupported_megatron_core_version_is_refused(monkeypatch):
+    import megatron.core
+
+    monkeypatch.delenv(compat.ALLOW_ENV, raising=False)
+    monkeypatch.setattr(megatron.core, "__version__", "0.15.2")
+    with pytest.raises(compat.UnsupportedMegatronCore, match=r"0\.15\.2 .* megatron-core>=0\.16"):
+        compat.require_megatron_core()
+    monkeypatch.setenv(compat.ALLOW_ENV, "1")
+    assert compat.require_megatron_core() is megatron.core
+
+
+def test_megatron_path_with_megatron_core_goes_first(tmp_path):
+    fake = tmp_path / "Megatron-LM" / "megatron" / "core"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("__version__ = '0.16.1'\n")
+    script = "import megatron_patch, megatron.core; print(megatron.core.__file__)"
+    proc = run_python(["-c", script], env={"MEGATRON_PATH": str(tmp_path / "Megatron-LM")})
+    assert proc.stdout.strip() == str(fake / "__init__.py")
+    proc = run_python(["-c", script], env={"MEGATRON_PATH": str(tmp_path)})  # no megatron/core
+    assert "site-packages" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    compat.initialize_parallel(1, 1, seed=3)
+    return True
+
+
+def _config(**overrides):
+    from megatron_patch.families.llama import LLAMA
+    from megatron_patch.families.model import transformer_config
+
+    args = LLAMA.args_for_size("tiny")
+    return transformer_config(LLAMA, args, **overrides)
+
+
+@pytest.mark.parametrize("sq,sk,masked", [(16, 16, False), (16, 16, True), (1, 9, False),
+                                          (4, 12, False)])
+def test_sdpa_attention_equals_megatron_core_dot_product_attention(parallel, sq, sk, masked):
+    """Causal, an explicit mask (packed samples), one decode query and a prefix chunk, with
+    grouped-query attention (4 heads, 2 groups)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_patch.layers.sdpa_attention import SDPAttention
+
+    config = _config()
+    torch.manual_seed(0)
+    q = torch.randn(sq, 2, 4, 16)
+    k, v = torch.randn(sk, 2, 2, 16), torch.randn(sk, 2, 2, 16)
+    mask = None
+    if masked:  # two packed samples of 6 and 10 tokens: causal within each
+        segment = torch.tensor([1] * 6 + [2] * 10)
+        allowed = (segment[:, None] == segment[None, :]) & torch.ones(16, 16).tril().bool()
+        mask = (~allowed).view(1, 1, 16, 16).expand(2, 1, 16, 16)
+    elif sq != sk:  # megatron-core's unfused path needs the bottom-right mask spelled out
+        mask = ~torch.ones(sq, sk).tril(diagonal=sk - sq).bool().view(1, 1, sq, sk)
+    kind = AttnMaskType.padding if mask is not None else AttnMaskType.causal
+    ours = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    reference = DotProductAttention(config, 1, kind, "self")
+    got = ours(q, k, v, mask if masked else None, AttnMaskType.causal)
+    want = reference(q, k, v, mask, kind)
+    assert got.shape == want.shape == (sq, 2, 64)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_norm_equals_torch_and_marks_sequence_parallel(parallel, normalization):
+    from megatron_patch.layers.norms import Norm
+
+    config = _config(normalization=normalization)
+    norm = Norm(config, 64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 2, 64)
+    reference = (torch.nn.RMSNorm(64, eps=1e-5) if normalization == "RMSNorm"
+                 else torch.nn.LayerNorm(64, eps=1e-5))
+    reference.load_state_dict(norm.state_dict())
+    assert torch.allclose(norm(x), reference(x), atol=1e-6)
+    assert norm.weight.sequence_parallel is False
+    assert Norm(_config(sequence_parallel=True, tensor_model_parallel_size=2),
+                64).weight.sequence_parallel is True
+
+
+def test_optional_accelerators_are_reported_not_required():
+    found = compat.optional_accelerators()
+    assert set(found) == {"apex", "flash-attn", "transformer-engine"}
+    assert all(isinstance(v, bool) for v in found.values())
+
+
+def test_cpu_mode_builds_cuda_requests_on_the_cpu(parallel):
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    with torch.device("meta"):  # a mode stacked on top of CPU mode keeps working
+        assert torch.empty(3).device.type == "meta"
+
