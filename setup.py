@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "matplotlib"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -8,4 +8,4 @@ bash "$root/toolkits/install_requirements.sh" test
 cd "$root"
 # Keep each process to its share of the cores: torchrun tests start two ranks at a time.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "$PY" -m pytest tests -q -p no:cacheprovider --durations=15 "$@"
+exec "$PY" -m pytest tests -q -p no:cacheprovider --timeout=900 --durations=15 "$@"

@@ -104,7 +104,7 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
     checkpoint. ``state`` holds iteration and consumed_train_samples and is updated."""
     for chunk in chunks:
         chunk.train()
-    last_saved = None
+    last_saved = state["iteration"]  # a resumed run's start is saved already
     while state["iteration"] < args.train_iters:
         start = time.time()
         loss, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter)
