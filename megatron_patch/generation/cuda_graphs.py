@@ -21,7 +21,6 @@ with one query row takes 8 us a layer at batch 1 (0.13 ms a step).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -40,19 +39,12 @@ def run_layer(layer, hidden, mask, rope):
 def compile_layer_function(mode: str):
     """``run_layer`` under ``torch.compile``, one static-shape compilation per batch size and
     window (a shape compiled dynamically runs slower kernels; the benchmark measured it).
+    :func:`megatron_patch.compat.compile_megatron` keeps megatron-core's deprecation warning
+    from splitting the graph."""
+    from megatron_patch import compat
 
-    megatron-core 0.16.1's RowParallelLinear passes ``tp_group=None`` and so calls
-    ``warnings.warn`` (a deprecation notice) in every forward on rank 0. Dynamo cannot trace
-    ``warnings.warn``: it split each layer there, inside an activation-offloading context it
-    cannot resume in, and left most of the layer uncompiled (68 graph breaks in the H200
-    benchmark). While the compiled function runs, dynamo is told to skip that call."""
-    import torch._dynamo.config as dynamo_config
-
-    ignore = ("ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions")
-              else "ignore_logger_methods")  # the older name (torch < 2.12)
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    compiled = torch.compile(run_layer, mode=None if mode == "default" else mode, dynamic=False)
-    return dynamo_config.patch({ignore: {warnings.warn}, limit: 64})(compiled)
+    return compat.compile_megatron(run_layer, mode=None if mode == "default" else mode,
+                                   dynamic=False)
 
 
 class GraphBackend(StaticBackend):

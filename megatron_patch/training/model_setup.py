@@ -125,7 +125,7 @@ def build_model(args, plan: ModelPlan):
         model.cuda(torch.cuda.current_device())
     if args.compile_layers:
         for layer in model.decoder.layers:
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = compat.compile_megatron(layer.forward)
     wrapped = Float16Module(config, model) if args.precision != "fp32" else model
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.precision != "fp32", overlap_grad_reduce=False,
