@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from megatron_patch.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_patch.data.sft import SFTDataset, SFTStats
 
 DATASETS = ("tokens", "loss_mask")
@@ -27,24 +28,19 @@ DATASETS = ("tokens", "loss_mask")
 def write_sft_mmap(dataset: SFTDataset, output_prefix: str, vocab_size: int) -> list[str]:
     """Write ``dataset``'s samples, grouped as its sequences; return the dataset prefixes.
 
-    Files are written under ``.tmp`` names and renamed only when both datasets are complete.
+    Both datasets are written under temporary names (removed on failure); the tokens dataset,
+    whose ``.idx`` is what marks a prefix as present, is moved into place last.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtypes = {"tokens": DType.optimal_dtype(vocab_size), "loss_mask": np.uint8}
     prefixes = {name: f"{output_prefix}_{name}_document" for name in DATASETS}
-    builders = {name: IndexedDatasetBuilder(prefixes[name] + ".bin.tmp", dtype=dtypes[name])
-                for name in DATASETS}
-    for group in dataset.groups:
-        samples = [dataset.sample(j) for j in group]
-        lengths = [len(ids) for ids, _ in samples]
-        for name, part in zip(DATASETS, zip(*samples)):
-            builders[name].add_document(np.concatenate(part), lengths)
-    for name in DATASETS:
-        builders[name].finalize(prefixes[name] + ".idx.tmp")
-    for name in DATASETS:
-        for suffix in (".bin", ".idx"):
-            os.replace(prefixes[name] + suffix + ".tmp", prefixes[name] + suffix)
+    with IndexedDatasetWriter(prefixes["tokens"], token_dtype(vocab_size)) as tokens, \
+            IndexedDatasetWriter(prefixes["loss_mask"], np.uint8) as loss_mask:
+        for group in dataset.groups:
+            samples = [dataset.sample(j) for j in group]
+            lengths = [len(ids) for ids, _ in samples]
+            for writer, part in zip((tokens, loss_mask), zip(*samples)):
+                writer.add_documents(np.concatenate(part), lengths, [len(group)])
+        loss_mask.finalize()
+        tokens.finalize()
     return list(prefixes.values())
 
 
