@@ -49,6 +49,9 @@ def preprocess_sft(input_path: str, output_prefix: str, tokenizer, seq_length: i
     """Tokenize ``input_path`` (JSON list or jsonl of instruction/chat records) and write the
     indexed datasets; return the counts."""
     dataset = SFTDataset(input_path, tokenizer, seq_length, packing=packing)
+    if not dataset.groups:  # an empty dataset would look like a finished one
+        raise ValueError(f"--input {input_path}: no sample keeps a response token within "
+                         f"--seq-length {seq_length}; nothing written")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     write_sft_mmap(dataset, output_prefix, tokenizer.vocab_size)
     return dataset.stats
