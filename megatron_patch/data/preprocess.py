@@ -207,9 +207,11 @@ def open_writers(prefixes: dict, dtype) -> dict:
 class Report:
     """Counts of one run, its progress lines and its bad-line reports (stderr)."""
 
-    def __init__(self, input_bytes: int, log_interval: int, stop_on_bad_line: bool):
+    def __init__(self, paths: list, prefixes: dict, log_interval: int, stop_on_bad_line: bool):
         self.start = time.time()
-        self.input_bytes, self.log_interval = input_bytes, log_interval
+        self.files, self.prefixes = len(paths), prefixes
+        self.input_bytes = sum(os.path.getsize(path) for path in paths)
+        self.log_interval = log_interval
         self.stop_on_bad_line = stop_on_bad_line
         self.documents = self.lines = self.nbytes = self.tokens = 0
         self.skipped: collections.Counter = collections.Counter()
@@ -250,16 +252,17 @@ class Report:
             line += f" {100 * done:.1f}% of input, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         return line
 
-    def summary(self, n_files: int, prefixes: dict) -> str:
+    def summary(self) -> str:
         """The closing report: documents, tokens, speed, skipped lines by reason, outputs."""
         elapsed = max(time.time() - self.start, 1e-9)
         skipped = sum(self.skipped.values())
         lines = [f"Done: {self.documents} documents, {self.tokens} tokens from {self.lines} lines "
-                 f"in {n_files} file(s) in {elapsed:.1f}s ({self.documents / elapsed:.1f} docs/s, "
-                 f"{self.nbytes / elapsed / 2**20:.2f} MB/s); {skipped} line(s) skipped."]
+                 f"in {self.files} file(s) in {elapsed:.1f}s "
+                 f"({self.documents / elapsed:.1f} docs/s, {self.nbytes / elapsed / 2**20:.2f} "
+                 f"MB/s); {skipped} line(s) skipped."]
         lines += [f"  skipped {count}: {kind} (first at {self.first_skipped[kind]})"
                   for kind, count in self.skipped.most_common()]
-        lines += [f"  wrote {prefix}.bin / .idx" for prefix in prefixes.values()]
+        lines += [f"  wrote {prefix}.bin / .idx" for prefix in self.prefixes.values()]
         return "\n".join(lines)
 
 
@@ -313,11 +316,10 @@ def run(args: argparse.Namespace) -> Report:
     if args.append_eod and tokenizer.eod is None:
         raise ValueError(f"--append-eod: the tokenizer {args.tokenizer_model!r} has no EOS token")
     dtype = token_dtype(tokenizer.vocab_size)
-    input_bytes = sum(os.path.getsize(path) for path in paths)
-    print(f"{len(paths)} input file(s), {input_bytes / 2**20:.1f} MB on disk; {tokenizer!r}, "
-          f"dtype {dtype.name}; {args.workers} worker(s)", flush=True)
-    writers = open_writers(output_prefixes(args), dtype)
-    report = Report(input_bytes, args.log_interval, args.on_bad_line == "stop")
+    report = Report(paths, output_prefixes(args), args.log_interval, args.on_bad_line == "stop")
+    print(f"{len(paths)} input file(s), {report.input_bytes / 2**20:.1f} MB on disk; "
+          f"{tokenizer!r}, dtype {dtype.name}; {args.workers} worker(s)", flush=True)
+    writers = open_writers(report.prefixes, dtype)
     try:
         _encode_all(args, paths, tokenizer, writers, report)
         if report.documents == 0:
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a worker process died ({err}); out of memory? Nothing was written.",
               file=sys.stderr)
         return 1
-    print(report.summary(len(expand_inputs(args.input)), output_prefixes(args)))
+    print(report.summary())
     return 0
 
 
