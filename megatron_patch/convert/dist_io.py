@@ -77,7 +77,6 @@ class TorchDistReader:
         self._state = {k: v for k, v in model.state_dict().items()
                        if not k.endswith("_extra_state")}
         self.consumed: set[tuple[int, str]] = set()
-        self.iteration = loaded.get("iteration", 0)
 
     def get(self, name: str, stage: str, split, layers_per_stage: int) -> torch.Tensor:
         if name not in self._state:

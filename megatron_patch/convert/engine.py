@@ -84,7 +84,6 @@ def write_megatron_stages(family, args, meta, fetch, save_stage, progress=True) 
     """Build every stage's TP shards from ``fetch(binding) -> full tensor`` and hand them to
     ``save_stage(stage, [state_dict per TP rank])``."""
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
-    args.validate_parallel(tp, pp, "--target-")
     per_stage = [stage_bindings(family, args, pp, s) for s in range(pp)]
     with _progress(sum(map(len, per_stage)), "writing megatron", progress) as bar:
         for stage, bindings in enumerate(per_stage):
@@ -96,13 +95,13 @@ def write_megatron_stages(family, args, meta, fetch, save_stage, progress=True) 
             save_stage(stage, shards)
 
 
-def torch_stage_saver(iter_dir: str, meta: dict, iteration="release"):
-    """``save_stage`` for the ``torch`` format: one model_optim_rng.pt per rank."""
+def torch_stage_saver(iter_dir: str, meta: dict):
+    """``save_stage`` for the ``torch`` format: one model_optim_rng.pt per rank (a converted
+    checkpoint is iteration 0, "release")."""
     def save(stage, shards):
         for rank, state in enumerate(shards):
             mio.save_rank_file(iter_dir, rank, stage, meta["pipeline_model_parallel_size"], {
-                "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION,
-                "iteration": 0 if iteration == "release" else iteration,
+                "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION, "iteration": 0,
                 "args": mio.megatron_lm_args(meta), "megatron_patch": meta})
     return save
 
@@ -155,9 +154,7 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     hf = HFReader(load)
     with atomic_directory(save, overwrite) as root:
-        tokenizer_dir = os.path.join(root, TOKENIZER_DIR)
-        os.makedirs(tokenizer_dir)
-        has_tokenizer = copy_side_files(load, tokenizer_dir)
+        has_tokenizer = copy_side_files(load, os.path.join(root, TOKENIZER_DIR))
         meta = build_metadata(family, args, target, hf.config, has_tokenizer)
         meta["dtype"] = str(hf.dtype()).replace("torch.", "")
         dims = dims_for(args, meta["padded_vocab_size"])
@@ -202,18 +199,7 @@ def open_megatron(load: str, family_name: str | None = None):
     return reader, family, ModelArgs.from_dict(meta["model_args"]), meta
 
 
-def megatron_fetcher(reader, family, args, meta):
-    """``fetch(binding) -> HF tensors`` over a Megatron checkpoint (any layout)."""
-    dims = dims_for(args, meta["padded_vocab_size"])
-    per_stage = args.num_layers // reader.pp
-
-    def fetch_hf(binding):
-        full = reader.get(binding.megatron_global, binding.row.stage, binding.row.tp, per_stage)
-        return binding.row.op.to_hf(full, dims)
-    return fetch_hf
-
-
-def megatron_full_fetcher(reader, family, args, meta, padded_vocab: int):
+def megatron_full_fetcher(reader, args, meta, padded_vocab: int):
     """``fetch(binding) -> full Megatron tensor`` padded to ``padded_vocab`` rows. With the
     checkpoint's own padding the tensor is taken as stored: trained padding rows of the output
     layer survive resharding and resuming."""
@@ -238,14 +224,15 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
                            progress: bool = True, overwrite: bool = False) -> dict:
     """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads."""
     reader, family, args, meta = open_megatron(load, family_name)
-    fetch_hf = megatron_fetcher(reader, family, args, meta)
-    bindings = [b for s in range(reader.pp) for b in stage_bindings(family, args, reader.pp, s)
-                if b.megatron_local == b.megatron_global or b.row.stage == "layer"]
+    dims = dims_for(args, meta["padded_vocab_size"])
+    fetch = megatron_full_fetcher(reader, args, meta, meta["padded_vocab_size"])
+    # Every row once, with global names: the HF side has no pipeline stages.
+    bindings = bind_stage(family.weights(args), range(args.num_layers), True, True)
     with atomic_directory(save, overwrite) as out, \
             _progress(len(bindings), "writing hf", progress) as bar:
         writer = HFWriter(out)
         for binding in bindings:
-            for name, tensor in zip(binding.hf, fetch_hf(binding)):
+            for name, tensor in zip(binding.hf, binding.row.op.to_hf(fetch(binding), dims)):
                 writer.add(name, tensor)
             bar.update(1)
         _consume_tied_output(reader, args)
@@ -268,19 +255,16 @@ def reshard_megatron(load: str, save: str, target: Target, family_name: str | No
                      progress: bool = True, overwrite: bool = False) -> dict:
     """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding)."""
     reader, family, args, src_meta = open_megatron(load, family_name)
+    args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     with atomic_directory(save, overwrite) as root:
         tokenizer_src = os.path.join(reader.root, TOKENIZER_DIR)
         has_tokenizer = os.path.isdir(tokenizer_src) and copy_side_files(
-            tokenizer_src, _mkdir(os.path.join(root, TOKENIZER_DIR)))
+            tokenizer_src, os.path.join(root, TOKENIZER_DIR))
         meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
         meta["dtype"] = src_meta.get("dtype", "float32")
-        fetch = megatron_full_fetcher(reader, family, args, src_meta, meta["padded_vocab_size"])
+        fetch = megatron_full_fetcher(reader, args, src_meta, meta["padded_vocab_size"])
         _write_checkpoint(family, args, meta, fetch, root, progress)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
     return meta
 
-
-def _mkdir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path

@@ -151,8 +151,9 @@ class HFWriter:
 
 
 def copy_side_files(src: str, dst: str) -> bool:
-    """Copy tokenizer and generation files from ``src`` to ``dst``; True if a tokenizer was
-    among them."""
+    """Copy tokenizer and generation files from ``src`` to ``dst`` (created if needed); True if
+    a tokenizer was among them."""
+    os.makedirs(dst, exist_ok=True)
     copied = []
     for name in SIDE_FILES:
         if os.path.isfile(os.path.join(src, name)):

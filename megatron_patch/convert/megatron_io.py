@@ -130,8 +130,6 @@ class MegatronReader:
         self.consumed: set[tuple[int, str]] = set()
         first = self._load(0, 0)
         self.meta = read_metadata(self.root) or first.get("megatron_patch")
-        self.args = first.get("args")
-        self.iteration = first.get("iteration", 0)
 
     def _load(self, tp_rank: int, pp_rank: int) -> dict:
         key = (tp_rank, pp_rank)

@@ -24,7 +24,7 @@ def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int,
     """Copy this rank's slice of every tensor of checkpoint ``load`` into ``model`` (one
     pipeline stage, unwrapped GPTModel). Returns the checkpoint's metadata."""
     reader, family, args, meta = reader_bundle or open_megatron(load)
-    fetch = megatron_full_fetcher(reader, family, args, meta, runtime_padded_vocab(meta, tp))
+    fetch = megatron_full_fetcher(reader, args, meta, runtime_padded_vocab(meta, tp))
     state = model.state_dict(keep_vars=True)
     expected = {k for k in state if not k.endswith("_extra_state")}
     for binding in stage_bindings(family, args, pp, pp_rank):

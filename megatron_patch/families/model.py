@@ -10,6 +10,7 @@ from megatron_patch import compat
 from megatron_patch.families.base import Family, ModelArgs
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int = 1,
@@ -22,7 +23,7 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch = family.architecture
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = PRECISION_DTYPES[precision]
     fields = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,

@@ -102,16 +102,12 @@ def _publish(root: str, tmp: str, final: str, iteration: int, plan) -> None:
     os.replace(tmp, final)
     tokenizer_dir = os.path.join(root, TOKENIZER_DIR)
     if plan.tokenizer_dir and not os.path.isdir(tokenizer_dir):
-        os.makedirs(tokenizer_dir)
         if os.path.isdir(plan.tokenizer_dir):
             copy_side_files(plan.tokenizer_dir, tokenizer_dir)
-        else:
+        else:  # a SentencePiece model file
+            os.makedirs(tokenizer_dir)
             shutil.copy(plan.tokenizer_dir, tokenizer_dir)
-    meta = dict(plan.meta)
-    if plan.tokenizer_dir and os.path.isfile(plan.tokenizer_dir):
-        meta["tokenizer"] = dict(meta["tokenizer"], path=os.path.join(
-            TOKENIZER_DIR, os.path.basename(plan.tokenizer_dir)))
-    mio.write_metadata(root, meta)
+    mio.write_metadata(root, plan.meta)
     mio.write_tracker(root, iteration)
 
 
