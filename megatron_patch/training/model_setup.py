@@ -10,7 +10,8 @@ import torch
 
 from megatron_patch import compat
 from megatron_patch.convert import megatron_io as mio
-from megatron_patch.convert.engine import Target, build_metadata
+from megatron_patch.convert.engine import TOKENIZER_DIR, Target, build_metadata
+from megatron_patch.families.model import PRECISION_DTYPES
 from megatron_patch.families.base import ModelArgs
 from megatron_patch.registry import get_family
 from megatron_patch.tokenizers.vocab import padded_vocab_size
@@ -94,8 +95,12 @@ def plan_model(args) -> ModelPlan:
                  (meta or {}).get("padded_vocab_size", 0))
     out_meta = build_metadata(family, model_args, Target(tp, pp, extra, divisible),
                               (meta or {}).get("hf_config"), tokenizer_dir is not None)
-    out_meta.update(padded_vocab_size=padded, dtype={"fp32": "float32", "bf16": "bfloat16",
-                                                     "fp16": "float16"}[args.precision])
+    out_meta.update(padded_vocab_size=padded,
+                    dtype=str(PRECISION_DTYPES[args.precision]).replace("torch.", ""))
+    if tokenizer is not None:  # the type actually used, not the family's default
+        out_meta["tokenizer"]["type"] = tokenizer.tokenizer_type
+    if tokenizer_dir and os.path.isfile(tokenizer_dir):  # a SentencePiece file: saved by name
+        out_meta["tokenizer"]["path"] = os.path.join(TOKENIZER_DIR, os.path.basename(tokenizer_dir))
     return ModelPlan(family, model_args, padded, tokenizer, tokenizer_dir, out_meta)
 
 
@@ -138,12 +143,11 @@ def build_optimizer(args, chunks):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
-        params_dtype=dtype[args.precision], loss_scale=args.loss_scale,
+        params_dtype=PRECISION_DTYPES[args.precision], loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer)
