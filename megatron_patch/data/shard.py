@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import sys
@@ -102,23 +103,33 @@ def shard_jsonl(inputs: list[str], output_dir: str, lines_per_shard: int = 1000,
     """Shard ``inputs`` into ``output_dir``; see the module docstring."""
     if lines_per_shard < 1:
         raise ValueError(f"--lines-per-shard must be >= 1, got {lines_per_shard}")
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: one per CPU), got {threads}")
     start, paths = time.time(), expand_inputs(inputs)
     prepare_output_dir(output_dir, overwrite)
     suffix, zstd_level = (".jsonl.zst", level) if compress == "zst" else (".jsonl", None)
     summary = ShardSummary(files=len(paths))
     threads = threads or os.cpu_count() or 1
     pending = collections.deque()
-    with ThreadPoolExecutor(threads) as pool:
-        for data in iter_shards(iter_chunks(paths), lines_per_shard):
-            path = os.path.join(output_dir, f"{summary.shards:05d}{suffix}")
-            pending.append(pool.submit(write_shard, path, data, zstd_level))
-            summary.shards += 1
-            summary.lines += data.count(b"\n")
-            summary.bytes_in += len(data)
-            while len(pending) > 2 * threads:  # bound the shards held in memory
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for data in iter_shards(iter_chunks(paths), lines_per_shard):
+                path = os.path.join(output_dir, f"{summary.shards:05d}{suffix}")
+                pending.append(pool.submit(write_shard, path, data, zstd_level))
+                summary.shards += 1
+                summary.lines += data.count(b"\n")
+                summary.bytes_in += len(data)
+                while len(pending) > 2 * threads:  # bound the shards held in memory
+                    summary.bytes_out += pending.popleft().result()
+            while pending:
                 summary.bytes_out += pending.popleft().result()
-        while pending:
-            summary.bytes_out += pending.popleft().result()
+    except BaseException:
+        # The shards written so far look finished; the next step would read them as the whole
+        # input. The pool has joined, so every write is over.
+        for number in range(summary.shards):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, f"{number:05d}{suffix}"))
+        raise
     summary.seconds = time.time() - start
     return summary
 
