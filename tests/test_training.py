@@ -79,30 +79,33 @@ def test_stop_and_resume_is_bit_identical(work, reference, tmp_path):
     assert resumed == reference  # every iteration, bit for bit
 
 
-def test_resume_after_kill_9_between_saves(work, reference, tmp_path):
+def crash_and_resume(work, tmp_path, mode: str, when: int, between=lambda ckpt: None):
+    """Train with a save every 2 iterations, SIGKILL the run (``train_and_die.py`` ``mode``),
+    check the last good checkpoint is iteration 2, call ``between``, resume. -> (ckpt, losses)"""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = pretrain_args(work, metrics, "--save", str(ckpt), "--save-interval", "2")
-    crashed = run_python(["tests/dist/train_and_die.py", "--die-after-iteration", "3", *args],
-                         check=False)
+    crashed = run_python(["tests/dist/train_and_die.py", mode, str(when), *args], check=False)
     assert crashed.returncode == -9
     assert latest(ckpt) == "2"
+    between(ckpt)
     run_python(["-m", "megatron_patch.pretrain", *args, "--load", str(ckpt)])
-    resumed = losses(metrics)  # iterations 1..3 from the crashed run, 3..6 from the resumed one
+    return ckpt, losses(metrics)
+
+
+def test_resume_after_kill_9_between_saves(work, reference, tmp_path):
+    _, resumed = crash_and_resume(work, tmp_path, "--die-after-iteration", 3)
+    # iterations 1..3 from the crashed run, 3..6 from the resumed one
     assert {i: resumed[i] for i in range(3, ITERS + 1)} == \
         {i: reference[i] for i in range(3, ITERS + 1)}
 
 
 def test_crash_while_saving_keeps_the_last_good_checkpoint(work, reference, tmp_path):
-    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    args = pretrain_args(work, metrics, "--save", str(ckpt), "--save-interval", "2")
-    crashed = run_python(["tests/dist/train_and_die.py", "--die-in-save", "4", *args],
-                         check=False)
-    assert crashed.returncode == -9
-    assert latest(ckpt) == "2"
-    assert os.path.isdir(ckpt / "iter_0000004.tmp") and not os.path.exists(ckpt / "iter_0000004")
-    run_python(["-m", "megatron_patch.pretrain", *args, "--load", str(ckpt)])
+    def partial_save_left_aside(ckpt):
+        assert os.path.isdir(ckpt / "iter_0000004.tmp")
+        assert not os.path.exists(ckpt / "iter_0000004")
+
+    ckpt, resumed = crash_and_resume(work, tmp_path, "--die-in-save", 4, partial_save_left_aside)
     assert latest(ckpt) == str(ITERS) and not os.path.exists(ckpt / "iter_0000004.tmp")
-    resumed = losses(metrics)
     assert {i: resumed[i] for i in range(3, ITERS + 1)} == \
         {i: reference[i] for i in range(3, ITERS + 1)}
 
