@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from typing import Iterator, NamedTuple
 
+from megatron_patch.data.readers import is_json_list, iter_json_list
+
 INPUT_SUFFIXES = (".json", ".jsonl")
 DROP_REASONS = ("too_short", "repeated_lines", "repeated_chars", "duplicate")
 BAD_INPUT_REASONS = ("invalid_json", "invalid_utf8", "missing_key")
@@ -36,7 +38,6 @@ BAD_INPUT_REASONS = ("invalid_json", "invalid_utf8", "missing_key")
 _KEEP_INVISIBLE = frozenset("\u200c\u200d")
 # What ``surrogateescape`` decoding makes of bytes that are not UTF-8.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _STDERR_REPORTS = 100
 
@@ -146,38 +147,6 @@ def record_text(record: object) -> str | None:
 
 
 # ------------------------------------------------------------------------------ reading input
-
-
-def is_json_list(path: str) -> bool:
-    """True when the file is one JSON list (WuDao), False for jsonl."""
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
-
-
-def iter_json_list(text: str) -> Iterator[tuple[int, int, int, object]]:
-    """Yield ``(line, start, end, element)`` for each element of the JSON list ``text``.
-
-    Elements are decoded one at a time so that each knows its line; a syntax error raises
-    ``json.JSONDecodeError``, whose ``lineno`` points at it.
-    """
-    decoder = json.JSONDecoder()
-    pos = _JSON_SPACE.match(text).end()
-    if not text.startswith("[", pos):
-        raise json.JSONDecodeError("expected '['", text, pos)
-    pos = _JSON_SPACE.match(text, pos + 1).end()
-    line, counted, closed = 1, 0, text.startswith("]", pos)
-    while not closed:
-        element, end = decoder.raw_decode(text, pos)
-        line, counted = line + text.count("\n", counted, pos), pos
-        yield line, pos, end, element
-        pos = _JSON_SPACE.match(text, end).end()
-        closed = text.startswith("]", pos)
-        if not closed and not text.startswith(",", pos):
-            raise json.JSONDecodeError("expected ',' or ']'", text, pos)
-        pos = _JSON_SPACE.match(text, pos + 1).end()
-    if pos < len(text):
-        raise json.JSONDecodeError("extra data after the list", text, pos)
 
 
 def read_text(path: str) -> str:

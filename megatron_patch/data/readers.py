@@ -1,4 +1,5 @@
-"""Find, stream and parse JSON-lines inputs for the data tools.
+"""Find, stream and parse JSON-lines inputs for the data tools (and whole JSON lists, which the
+cleaning and SFT tools also take).
 
 Inputs are files, directories (searched recursively) and globs, in a deterministic order: each
 argument's matches sorted by path, arguments in the order given. Files may be plain, gzip or
@@ -11,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -26,6 +28,7 @@ except ImportError:  # orjson is optional; json gives the same objects, slower
 INPUT_SUFFIXES = (".jsonl", ".json", ".zst", ".gz")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 class InputError(ValueError):
@@ -202,3 +205,40 @@ def _load_json(raw: bytes):
         return json.loads(text)
     except ValueError as err:
         raise ValueError(f"invalid JSON: {err}") from None
+
+
+
+def is_json_list(path: str) -> bool:
+    """True when the file is one JSON list (WuDao), False for jsonl."""
+    with open(path, "rb") as handle:
+        return starts_json_list(handle.read(1 << 16))
+
+
+def starts_json_list(head: bytes) -> bool:
+    """True when ``head``, a file's first bytes, opens a JSON list (a UTF-8 BOM allowed)."""
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def iter_json_list(text: str) -> Iterator[tuple[int, int, int, object]]:
+    """Yield ``(line, start, end, element)`` for each element of the JSON list ``text``.
+
+    Elements are decoded one at a time so that each knows its line; a syntax error raises
+    ``json.JSONDecodeError``, whose ``lineno`` points at it.
+    """
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise json.JSONDecodeError("expected '['", text, pos)
+    pos = _JSON_SPACE.match(text, pos + 1).end()
+    line, counted, closed = 1, 0, text.startswith("]", pos)
+    while not closed:
+        element, end = decoder.raw_decode(text, pos)
+        line, counted = line + text.count("\n", counted, pos), pos
+        yield line, pos, end, element
+        pos = _JSON_SPACE.match(text, end).end()
+        closed = text.startswith("]", pos)
+        if not closed and not text.startswith(",", pos):
+            raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+    if pos < len(text):
+        raise json.JSONDecodeError("extra data after the list", text, pos)

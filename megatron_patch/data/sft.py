@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from megatron_patch.data.cleaning import is_json_list, iter_json_list
+from megatron_patch.data.readers import iter_json_list, starts_json_list
 from megatron_patch.data.sft_packing import assemble_sequence, group_samples
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def iter_json_records(path: str) -> Iterator[tuple[str, object]]:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise ValueError(f"{path}:{line}: bytes that are not UTF-8") from None
-    as_list, line = is_json_list(path), 0
+    as_list, line = starts_json_list(data[:1 << 16]), 0
     try:
         if as_list:
             for line, _, _, record in iter_json_list(text):
