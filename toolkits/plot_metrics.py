@@ -24,7 +24,8 @@ PANELS = (
 
 
 class MetricsError(ValueError):
-    """A metrics file that cannot be read; the message names the file and line."""
+    """A metrics file that cannot be read (the message names the file and line), or an output
+    that cannot be written."""
 
 
 def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -113,9 +114,22 @@ def draw(title: str, runs: list[tuple[str, dict]], output: str) -> None:
     figure.suptitle(textwrap.fill(title, 100), fontsize="small")
     figure.tight_layout()
     tmp = f"{output}.tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, output)  # never a half-written PNG under the real name
+    try:
+        figure.savefig(tmp, dpi=100)
+        os.replace(tmp, output)  # never a half-written PNG under the real name
+    finally:
+        plt.close(figure)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output(path: str) -> None:
+    """Refuse an ``--output`` that cannot be written, before any work."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise MetricsError(f"--output {path}: is a directory (give a .png file name)")
+    if not os.path.isdir(directory):
+        raise MetricsError(f"--output {path}: directory {directory} does not exist")
 
 
 def main(argv=None) -> int:
@@ -124,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", default="metrics.png", help="PNG to write")
     args = parser.parse_args(argv)
     try:
+        check_output(args.output)
         series = [read_metrics(path) for path in args.metrics]
     except MetricsError as err:
         print(f"error: {err}", file=sys.stderr)
