@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from megatron_patch.data.readers import InputError, expand_inputs, iter_chunks
 
 _SHARD_NAME = re.compile(r"^\d{5,}\.jsonl(\.zst)?$")
@@ -48,22 +50,24 @@ class ShardSummary:
 
 def iter_shards(chunks: Iterable, lines_per_shard: int) -> Iterator[bytes]:
     """Consecutive groups of ``lines_per_shard`` lines (the last may be shorter), each line
-    ending in a newline."""
-    pending: list[bytes] = []
+    ending in a newline. Shards are cut at newline offsets found a block at a time (numpy),
+    so no line becomes a Python object of its own."""
+    pending, count = [], 0  # pieces of the shard being filled, and the lines they hold
     for chunk in chunks:
-        lines = chunk.data.split(b"\n")
-        if chunk.data.endswith(b"\n"):
-            lines.pop()  # the split's empty tail, not a line
-        start = 0
-        while start < len(lines):
-            take = min(lines_per_shard - len(pending), len(lines) - start)
-            pending += lines[start:start + take]
-            start += take
-            if len(pending) == lines_per_shard:
-                yield b"\n".join(pending) + b"\n"
-                pending = []
+        data = chunk.data if chunk.data.endswith(b"\n") else chunk.data + b"\n"
+        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) + 1
+        start, taken = 0, 0  # bytes and lines of ``data`` already in a shard
+        while lines_per_shard - count <= len(ends) - taken:
+            taken += lines_per_shard - count
+            pending.append(data[start:ends[taken - 1]])
+            start = int(ends[taken - 1])
+            yield b"".join(pending)
+            pending, count = [], 0
+        if start < len(data):
+            pending.append(data[start:])
+            count += len(ends) - taken
     if pending:
-        yield b"\n".join(pending) + b"\n"
+        yield b"".join(pending)
 
 
 def write_shard(path: str, data: bytes, level: int | None) -> int:
