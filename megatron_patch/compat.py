@@ -109,6 +109,9 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
+        if func is torch.Tensor.to:  # t.to("cuda"), t.to(torch.device("cuda"), dtype)
+            args = args[:1] + tuple(a if isinstance(a, (int, torch.dtype)) else _cpu_device(a)
+                                    for a in args[1:])
         return func(*args, **kwargs)
 
 
@@ -149,21 +152,13 @@ class _NullStream(_NullEvent):
 
 def _patch_tensor_methods():
     original_type = torch.Tensor.type
-    original_to = torch.Tensor.to
 
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs and self.device.type == "cpu":
             return _CUDA_TYPE_NAMES.get(self.dtype, original_type(self))
         return original_type(self, dtype, non_blocking, **kwargs)
 
-    def tensor_to(self, *args, **kwargs):
-        args = tuple(_cpu_device(a) if not isinstance(a, int) else a for a in args)
-        if "device" in kwargs:
-            kwargs["device"] = _cpu_device(kwargs["device"])
-        return original_to(self, *args, **kwargs)
-
     torch.Tensor.type = tensor_type
-    torch.Tensor.to = tensor_to
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
