@@ -49,13 +49,19 @@ def tokenizer_location(checkpoint: Checkpoint, tokenizer_path: str | None,
     recorded = checkpoint.meta.get("tokenizer") or {}
     kind = tokenizer_type or recorded.get("type") or checkpoint.family.tokenizer
     if tokenizer_path:
-        return kind, tokenizer_path
-    if recorded.get("path"):
-        return kind, os.path.join(checkpoint.root, recorded["path"])
-    raise ValueError(
-        f"--load {checkpoint.path!r} carries no tokenizer (its megatron_patch.json has no "
-        f"'tokenizer' entry: the HF directory it was converted from had no tokenizer files). "
-        f"Pass --tokenizer-path with the model's HF tokenizer directory.")
+        path, source = tokenizer_path, "--tokenizer-path"
+    elif recorded.get("path"):
+        path = os.path.join(checkpoint.root, recorded["path"])
+        source = f"--load {checkpoint.path!r}: its tokenizer"
+    else:
+        raise ValueError(
+            f"--load {checkpoint.path!r} carries no tokenizer (its megatron_patch.json has no "
+            f"'tokenizer' entry: the HF directory it was converted from had no tokenizer "
+            f"files). Pass --tokenizer-path with the model's HF tokenizer directory.")
+    # Checked here: the tokenizers' own messages name the trainer's --tokenizer-model.
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{source} {path!r}: no such file or directory")
+    return kind, path
 
 
 def load_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | None,
