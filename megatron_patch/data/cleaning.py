@@ -24,7 +24,8 @@ import unicodedata
 from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator, NamedTuple
 
 from megatron_patch.data.readers import is_json_list, iter_json_list
@@ -221,18 +222,22 @@ def iter_tasks(files: list[str], config: CleanConfig, chunk_size: int) -> Iterat
 
 
 def ordered_map(pool, func, tasks: Iterator, window: int) -> Iterator:
-    """``pool.imap`` with at most ``window`` tasks in flight (imap would queue the whole
-    corpus in memory); in order, so results do not depend on the number of workers."""
+    """``pool.map`` with at most ``window`` tasks in flight (map would queue the whole
+    corpus in memory); in order, so results do not depend on the number of workers.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory,
+    say) fails the run with BrokenProcessPool instead of leaving it waiting forever.
+    """
     if pool is None:
         yield from map(func, tasks)
         return
     pending = deque()
     for task in tasks:
-        pending.append(pool.apply_async(func, (task,)))
+        pending.append(pool.submit(func, task))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 # ------------------------------------------------------------------------------------- a run
@@ -394,7 +399,7 @@ def clean_corpus(input_path: str, output_dir: str, config: CleanConfig = CleanCo
     consumer = _Consumer(files, targets, config, max_reported, log_interval)
     tasks = iter_tasks(files, config, chunk_size)
     try:
-        with Pool(processes) if processes > 1 else nullcontext() as pool:
+        with ProcessPoolExecutor(processes) if processes > 1 else nullcontext() as pool:
             for file_index, outcomes in ordered_map(pool, clean_chunk, tasks, 2 * processes):
                 consumer.consume(file_index, outcomes)
     except BaseException:
@@ -466,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
                                log_interval=args.log_interval, summary_path=args.summary)
     except (CleanError, OSError) as err:
         print(f"clean_raw_text: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenProcessPool as err:
+        print(f"clean_raw_text: error: a worker process died ({err}); out of memory? The file "
+              "being written was removed and no summary was written.", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0
