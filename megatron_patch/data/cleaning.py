@@ -21,14 +21,14 @@ import re
 import sys
 import time
 import unicodedata
-from collections import Counter, deque
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, NamedTuple
 
-from megatron_patch.data.readers import is_json_list, iter_json_list
+from megatron_patch.data.readers import is_json_list, iter_json_list, ordered_map
 
 INPUT_SUFFIXES = (".json", ".jsonl")
 DROP_REASONS = ("too_short", "repeated_lines", "repeated_chars", "duplicate")
@@ -201,10 +201,10 @@ def clean_payload(payload: object, config: CleanConfig) -> tuple:
     return None, None, data, hashlib.blake2b(data, digest_size=16).digest()
 
 
-def clean_chunk(task: tuple) -> tuple[int, list[Outcome]]:
-    """Worker entry: ``(file index, [(line, payload)], config)`` -> ``(file index, outcomes)``."""
-    file_index, items, config = task
-    return file_index, [Outcome(line, *clean_payload(payload, config)) for line, payload in items]
+def clean_chunk(task: tuple) -> list[Outcome]:
+    """Worker entry: ``(file index, [(line, payload)], config)`` -> outcomes."""
+    _, items, config = task
+    return [Outcome(line, *clean_payload(payload, config)) for line, payload in items]
 
 
 def iter_tasks(files: list[str], config: CleanConfig, chunk_size: int) -> Iterator[tuple]:
@@ -219,25 +219,6 @@ def iter_tasks(files: list[str], config: CleanConfig, chunk_size: int) -> Iterat
                 items, emitted = [], True
         if items or not emitted:
             yield index, items, config
-
-
-def ordered_map(pool, func, tasks: Iterator, window: int) -> Iterator:
-    """``pool.map`` with at most ``window`` tasks in flight (map would queue the whole
-    corpus in memory); in order, so results do not depend on the number of workers.
-
-    A ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory,
-    say) fails the run with BrokenProcessPool instead of leaving it waiting forever.
-    """
-    if pool is None:
-        yield from map(func, tasks)
-        return
-    pending = deque()
-    for task in tasks:
-        pending.append(pool.submit(func, task))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 # ------------------------------------------------------------------------------------- a run
@@ -400,7 +381,8 @@ def clean_corpus(input_path: str, output_dir: str, config: CleanConfig = CleanCo
     tasks = iter_tasks(files, config, chunk_size)
     try:
         with ProcessPoolExecutor(processes) if processes > 1 else nullcontext() as pool:
-            for file_index, outcomes in ordered_map(pool, clean_chunk, tasks, 2 * processes):
+            for (file_index, _, _), outcomes in ordered_map(pool, clean_chunk, tasks,
+                                                            2 * processes):
                 consumer.consume(file_index, outcomes)
     except BaseException:
         consumer.abort()

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_patch.data.indexed import IndexedDatasetWriter, token_dtype
-from megatron_patch.data.readers import InputError, expand_inputs, iter_chunks, parse_lines
+from megatron_patch.data.readers import (Chunk, InputError, expand_inputs, iter_chunks,
+                                         ordered_map, parse_lines)
 
 _MAX_REPORTED = 20  # bad lines printed one by one; the rest only counted
 
@@ -65,9 +66,9 @@ class ChunkResult:
     nbytes: int = 0
 
 
-def encode_chunk(line_and_data: tuple) -> ChunkResult:
+def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, tokenize and pack one block of lines (runs in a worker)."""
-    first_line, data = line_and_data
+    first_line, data = chunk.first_line, chunk.data
     keys, tokenizer = _WORKER["keys"], _WORKER["tokenizer"]
     rows = data.split(b"\n")
     if data.endswith(b"\n"):
@@ -266,27 +267,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _ordered_results(pool, chunks, in_flight: int):
-    """(chunk path, input bytes done, result) in input order, with at most ``in_flight`` chunks
-    queued: ``Pool.imap`` would read the whole input ahead into memory."""
-    pending = collections.deque()
-    for chunk in chunks:
-        task = pool.submit(encode_chunk, (chunk.first_line, chunk.data))
-        pending.append((chunk.path, chunk.input_bytes_done, task))
-        if len(pending) >= in_flight:
-            path, done, task = pending.popleft()
-            yield path, done, task.result()
-    while pending:
-        path, done, task = pending.popleft()
-        yield path, done, task.result()
-
-
 def _encode_all(args, paths: list, tokenizer, writers: dict, report: Report) -> None:
-    """Stream every chunk through the worker processes into the writers.
-
-    A ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory,
-    say) fails the run with BrokenProcessPool instead of leaving it waiting forever.
-    """
+    """Stream every chunk through the worker processes (in order, see ``ordered_map``) into
+    the writers."""
     dtype = next(iter(writers.values())).dtype
     eod = tokenizer.eod if args.append_eod else None
     tokenizer_args = dict(tokenizer_type=args.tokenizer_type,
@@ -297,10 +280,10 @@ def _encode_all(args, paths: list, tokenizer, writers: dict, report: Report) -> 
     pool = ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=initargs)
     try:
         chunks = iter_chunks(paths, args.chunk_bytes)
-        for path, done, result in _ordered_results(pool, chunks, 2 * args.workers + 2):
+        for chunk, result in ordered_map(pool, encode_chunk, chunks, 2 * args.workers + 2):
             for key, arrays in result.arrays.items():
                 writers[key].add_documents(*arrays)
-            report.add(path, done, result)
+            report.add(chunk.path, chunk.input_bytes_done, result)
     finally:  # on an error, do not wait for the chunks still queued
         pool.shutdown(wait=True, cancel_futures=True)
     report.tokens = sum(writer.tokens for writer in writers.values())

@@ -8,6 +8,7 @@ they are read as blocks of whole lines, so memory does not grow with the file.
 """
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
 import json
@@ -15,7 +16,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 try:
     import orjson
@@ -152,6 +153,28 @@ def _zstd_blocks(raw, size: int) -> Iterator[bytes]:
                 yield out
     if inside:
         raise _CorruptStream("truncated zstd stream (the last frame is incomplete)")
+
+
+def ordered_map(pool, func, tasks: Iterable, window: int) -> Iterator[tuple]:
+    """``(task, func(task))`` in task order, through ``pool`` (a ProcessPoolExecutor; None: in
+    this process) with at most ``window`` tasks in flight: ``pool.map`` would read the whole
+    input ahead into memory. In order, so results do not depend on the number of workers.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: a worker that dies (out of memory,
+    say) fails the run with BrokenProcessPool instead of leaving it waiting forever.
+    """
+    if pool is None:
+        yield from ((task, func(task)) for task in tasks)
+        return
+    pending = collections.deque()
+    for task in tasks:
+        pending.append((task, pool.submit(func, task)))
+        if len(pending) >= window:
+            task, future = pending.popleft()
+            yield task, future.result()
+    while pending:
+        task, future = pending.popleft()
+        yield task, future.result()
 
 
 def parse_lines(rows: list[bytes], first_line: int, keys: list[str]):
