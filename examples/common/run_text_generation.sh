@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Shared body of examples/<family>/run_text_generation_<family>.sh: validates the seed's 17
-# positional arguments, translates them to `python -m megatron_patch.generate` flags and execs
-# torchrun. Usage: run_text_generation.sh FAMILY ARGS...
+# Shared body of examples/<family>/run_text_generation_<family>.sh: the seed's 17 positional
+# arguments are checked and translated into `python -m megatron_patch.generate` flags by
+# megatron_patch.generation.launcher_check; this script only puts the code on PYTHONPATH, builds
+# the torchrun rendezvous (distributed.sh) and execs torchrun, as launch_training (run_pretrain.sh)
+# does. Usage: run_text_generation.sh FAMILY ARGS...
 set -euo pipefail
 FAMILY=$1; shift
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,50 +35,13 @@ USAGE="usage: run_text_generation_${FAMILY}.sh ENV MEGATRON_PATH MEGATRON_PATCH_
                INFERENCE_BACKEND (auto|mcore|static|graph|graph-compiled|uncached)"
 
 [[ $# -eq 17 ]] || usage_error "expected 17 arguments, got $#"
-ENV=$1; MEGATRON_PATH=$2; MEGATRON_PATCH_PATH=$3; TOKENIZER=$4; CHECKPOINT_PATH=$5
-MODEL_SIZE=$6; TP=$7; BS=$8; SEQ_LEN=$9; TOP_K=${10}; INPUT_SEQ_LEN=${11}
-OUTPUT_SEQ_LEN=${12}; INPUT_FILE=${13}; OUTPUT_FILE=${14}; TOP_P=${15}; TEMPERATURE=${16}
-REPETITION_PENALTY=${17}
-PY=${PYTHON:-python3}
-
-positive='^[1-9][0-9]*$'
-number='^([0-9]+\.?[0-9]*|\.[0-9]+)$'
-for name in TP BS SEQ_LEN INPUT_SEQ_LEN OUTPUT_SEQ_LEN; do
-  [[ ${!name} =~ $positive ]] || usage_error "$name must be a positive integer, got '${!name}'"
-done
-[[ $TOP_K =~ ^[0-9]+$ ]] || usage_error "TOP_K must be a non-negative integer, got '$TOP_K'"
-for name in TOP_P TEMPERATURE REPETITION_PENALTY; do
-  [[ ${!name} =~ $number ]] || usage_error "$name must be a non-negative number, got '${!name}'"
-done
-awk "BEGIN { exit !($TOP_P <= 1) }" || usage_error "TOP_P must be in [0, 1], got '$TOP_P'"
-if (( TOP_K > 0 )) && awk "BEGIN { exit !($TOP_P > 0) }"; then
-  usage_error "TOP_K=$TOP_K and TOP_P=$TOP_P: one of them must be 0 (top-k and top-p sampling cannot be combined)"
-fi
-for name in TEMPERATURE REPETITION_PENALTY; do
-  awk "BEGIN { exit !(${!name} > 0) }" || usage_error "$name must be > 0, got '${!name}'"
-done
-(( OUTPUT_SEQ_LEN < SEQ_LEN )) || usage_error "OUTPUT_SEQ_LEN ($OUTPUT_SEQ_LEN) must be smaller than SEQ_LEN ($SEQ_LEN)"
-[[ -d $MEGATRON_PATCH_PATH/megatron_patch ]] || usage_error "MEGATRON_PATCH_PATH '$MEGATRON_PATCH_PATH' has no megatron_patch/ package"
-[[ -e $CHECKPOINT_PATH ]] || usage_error "CHECKPOINT_PATH '$CHECKPOINT_PATH' does not exist"
-[[ -f $INPUT_FILE ]] || usage_error "INPUT_FILE '$INPUT_FILE' does not exist"
-[[ -d $(dirname -- "$OUTPUT_FILE") ]] || usage_error "OUTPUT_FILE '$OUTPUT_FILE': its directory does not exist"
-torchrun_args "$ENV" "$TP"
-
-put_megatron_first "$MEGATRON_PATH"
-export PYTHONPATH="$MEGATRON_PATCH_PATH${PYTHONPATH:+:$PYTHONPATH}"
-# MODEL_SIZE and TOKENIZER are checked against the registry; the answer is the tokenizer flag
-# and its value, one per line.
-checked=$("$PY" -m megatron_patch.generation.launcher_check "$FAMILY" "$MODEL_SIZE" "$TOKENIZER") \
-  || usage_error "$checked"
-tokenizer_flag=("${checked%%$'\n'*}" "${checked#*$'\n'}")
-
-flags=(--load "$CHECKPOINT_PATH" --input-file "$INPUT_FILE" --output-file "$OUTPUT_FILE"
-       "${tokenizer_flag[@]}" --model-size "$MODEL_SIZE"
-       --tensor-model-parallel-size "$TP" --micro-batch-size "$BS" --seq-length "$SEQ_LEN"
-       --max-prompt-length "$INPUT_SEQ_LEN" --max-new-tokens "$OUTPUT_SEQ_LEN"
-       --top-k "$TOP_K" --top-p "$TOP_P" --temperature "$TEMPERATURE"
-       --repetition-penalty "$REPETITION_PENALTY"
-       --inference-backend "${INFERENCE_BACKEND:-auto}")
-[[ "${BF16:-0}" == 1 ]] && flags+=(--bf16)
+[[ -d $3/megatron_patch ]] || usage_error "MEGATRON_PATCH_PATH '$3' has no megatron_patch/ package"
+put_megatron_first "$2"
+export PYTHONPATH="$3${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+# Answer: processes a CPU-only machine needs (TP), then the generator's flags.
+plan=$("$py" -m megatron_patch.generation.launcher_check "$FAMILY" "$@") || usage_error "$plan"
+mapfile -t flags <<<"$plan"
+torchrun_args "$1" "${flags[0]}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-exec "$PY" -m torch.distributed.run "${TORCHRUN_ARGS[@]}" -m megatron_patch.generate "${flags[@]}"
+exec "$py" -m torch.distributed.run "${TORCHRUN_ARGS[@]}" -m megatron_patch.generate "${flags[@]:1}"

@@ -16,6 +16,7 @@ PRETRAIN_CHECKPOINT_PATH (``none``: random weights of the MODEL_SIZE row).
 """
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import sys
@@ -47,19 +48,23 @@ class LauncherError(ValueError):
     """A wrong positional argument; the message names it."""
 
 
-def _number(minimum: float, integer: bool, what: str) -> Callable[[str, str], float]:
+def number_kind(what: str, integer: bool = False,
+                positive: bool = False) -> Callable[[str, str], float]:
+    """A parser of a non-negative (``positive``: > 0) finite number, refusing anything else as
+    ``NAME must be WHAT``. The generation launcher's check uses these kinds too."""
     def parse(name: str, text: str):
         try:
             value = int(text) if integer else float(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or value != value:
+        if value is None or not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise LauncherError(f"{name} must be {what}, got '{text}'")
         return value
     return parse
 
 
-def _choice(*options: str) -> Callable[[str, str], str]:
+def choice_kind(*options: str) -> Callable[[str, str], str]:
+    """A parser of one of ``options``."""
     def parse(name: str, text: str):
         if text not in options:
             raise LauncherError(f"{name} must be {' or '.join(options)}, got '{text}'")
@@ -73,20 +78,20 @@ def _text(name: str, text: str) -> str:
     return text
 
 
-_POSITIVE_INT = _number(1, True, "a positive integer")
-_COUNT = _number(0, True, "a non-negative integer")
-_BOOL = _choice("true", "false")
+POSITIVE_INT = number_kind("a positive integer", integer=True, positive=True)
+COUNT = number_kind("a non-negative integer", integer=True)
+_POSITIVE_NUMBER = number_kind("a positive number", positive=True)
+_BOOL = choice_kind("true", "false")
 KINDS = {
-    "ENV": _choice("dsw", "dlc"), "MEGATRON_PATH": _text, "MEGATRON_PATCH_PATH": _text,
-    "MODEL_SIZE": _text, "BATCH_SIZE": _POSITIVE_INT, "GLOBAL_BATCH_SIZE": _POSITIVE_INT,
-    "LR": _number(1e-300, False, "a positive number"),
-    "MIN_LR": _number(0, False, "a non-negative number"), "SEQ_LEN": _POSITIVE_INT,
-    "PAD_LEN": _POSITIVE_INT, "EXTRA_VOCAB_SIZE": _COUNT, "PR": _choice("fp16", "bf16", "fp32"),
-    "TP": _POSITIVE_INT, "PP": _POSITIVE_INT, "AC": _choice("full", "sel", "none"),
-    "DO": _BOOL, "FL": _BOOL, "SP": _BOOL, "SAVE_INTERVAL": _POSITIVE_INT,
-    "DATASET_PATH": _text, "TRAIN_DATASET_PATH": _text, "VALID_DATASET_PATH": _text,
-    "PRETRAIN_CHECKPOINT_PATH": _text, "TRAIN_TOKENS": _POSITIVE_INT, "WARMUP_TOKENS": _COUNT,
-    "EPOCH": _number(1e-300, False, "a positive number"), "OUTPUT_BASEPATH": _text,
+    "ENV": choice_kind("dsw", "dlc"), "MEGATRON_PATH": _text, "MEGATRON_PATCH_PATH": _text,
+    "MODEL_SIZE": _text, "BATCH_SIZE": POSITIVE_INT, "GLOBAL_BATCH_SIZE": POSITIVE_INT,
+    "LR": _POSITIVE_NUMBER, "MIN_LR": number_kind("a non-negative number"),
+    "SEQ_LEN": POSITIVE_INT, "PAD_LEN": POSITIVE_INT, "EXTRA_VOCAB_SIZE": COUNT,
+    "PR": choice_kind("fp16", "bf16", "fp32"), "TP": POSITIVE_INT, "PP": POSITIVE_INT,
+    "AC": choice_kind("full", "sel", "none"), "DO": _BOOL, "FL": _BOOL, "SP": _BOOL,
+    "SAVE_INTERVAL": POSITIVE_INT, "DATASET_PATH": _text, "TRAIN_DATASET_PATH": _text,
+    "VALID_DATASET_PATH": _text, "PRETRAIN_CHECKPOINT_PATH": _text, "TRAIN_TOKENS": POSITIVE_INT,
+    "WARMUP_TOKENS": COUNT, "EPOCH": _POSITIVE_NUMBER, "OUTPUT_BASEPATH": _text,
 }
 
 
