@@ -144,7 +144,19 @@ def _check_finetune_values(values: dict) -> None:
 def data_prefixes(dataset_path: str) -> list[str]:
     """The mmap prefixes of DATASET_PATH: ``PREFIX`` or a blend ``'W1 P1 W2 P2 ...'``."""
     words = dataset_path.split()
-    return words if len(words) == 1 else words[1::2]
+    if len(words) == 1:
+        return words
+    if len(words) % 2 or not all(_is_weight(word) for word in words[::2]):
+        raise LauncherError(f"DATASET_PATH must be one mmap prefix or a blend 'W1 P1 W2 P2 ...' "
+                            f"of weights and prefixes, got '{dataset_path}'")
+    return words[1::2]
+
+
+def _is_weight(word: str) -> bool:
+    try:
+        return math.isfinite(float(word)) and float(word) >= 0
+    except ValueError:
+        return False
 
 
 def check_model_size(family_name: str, size: str) -> object:
