@@ -59,7 +59,6 @@ ORDER = ("ours: static cache + CUDA graphs", "HF generate (eager)",
 GPU_ONLY = {"ours: static cache + CUDA graphs", "ours: CUDA graphs + torch.compile",
             "HF static cache + torch.compile"}
 GREEDY = SamplingParams(top_k=1)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def synchronize(device):
@@ -84,7 +83,8 @@ def build_models(size: str, precision: str, device):
     """Our GPTModel and HF's LlamaForCausalLM of one registry size, random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_patch.families.model import build_gpt_model, transformer_config
+    from megatron_patch.families.model import (PRECISION_DTYPES, build_gpt_model,
+                                               transformer_config)
     from megatron_patch.tokenizers.vocab import padded_vocab_size
 
     family = get_family("llama")
@@ -96,7 +96,7 @@ def build_models(size: str, precision: str, device):
     hf_config = LlamaConfig(**family.hf_config_from_args(args))
     hf_config.eos_token_id = None
     with torch.device(device):
-        hf = LlamaForCausalLM(hf_config).to(DTYPES[precision]).eval()
+        hf = LlamaForCausalLM(hf_config).to(PRECISION_DTYPES[precision]).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return ours, hf, args
