@@ -268,6 +268,8 @@ def pretrain(out: str, data: str, megatron: str, setting: Setting, report: Repor
     """The seed's pretraining launcher (ENV dsw: every visible GPU, else one CPU process)."""
     import torch
 
+    from megatron_patch.training.launcher_check import PRETRAIN_ARGS
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     global_batch = setting.micro_batch_size * max(1, gpus)
     tokens = setting.train_iters * global_batch * setting.seq_length
@@ -275,10 +277,15 @@ def pretrain(out: str, data: str, megatron: str, setting: Setting, report: Repor
                  f"{global_batch} x {setting.seq_length} tokens on "
                  f"{f'{gpus} GPU(s)' if gpus else 'the CPU'}")
     train_dir = os.path.join(out, "train")
-    args = ["dsw", "none", REPO, setting.model_size, str(setting.micro_batch_size),
-            str(global_batch), str(setting.lr), str(setting.lr / 10), str(setting.seq_length), "0",
-            setting.precision, "1", "1", "none", "false", "false", "false",
-            str(setting.train_iters), data, megatron, str(tokens), str(tokens // 20), train_dir]
+    values = dict(ENV="dsw", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=REPO,
+                  MODEL_SIZE=setting.model_size, BATCH_SIZE=setting.micro_batch_size,
+                  GLOBAL_BATCH_SIZE=global_batch, LR=setting.lr, MIN_LR=setting.lr / 10,
+                  SEQ_LEN=setting.seq_length, EXTRA_VOCAB_SIZE=0, PR=setting.precision, TP=1,
+                  PP=1, AC="none", DO="false", FL="false", SP="false",
+                  SAVE_INTERVAL=setting.train_iters, DATASET_PATH=data,
+                  PRETRAIN_CHECKPOINT_PATH=megatron, TRAIN_TOKENS=tokens,
+                  WARMUP_TOKENS=tokens // 20, OUTPUT_BASEPATH=train_dir)
+    args = [str(values[name]) for name in PRETRAIN_ARGS]
     every = max(1, setting.train_iters // 10)
     extra = f"--eval-interval {max(1, setting.train_iters // 4)} --eval-iters 4"
     stream_training(["bash", LAUNCHER, *args],
@@ -294,9 +301,10 @@ def training_figures(train_dir: str, report: Report) -> dict:
         rows = [json.loads(line) for line in handle]
     train = [row for row in rows if "lm_loss" in row]
     valid = [row["valid_lm_loss"] for row in rows if "valid_lm_loss" in row]
+    timed = train[1:] or train  # iteration 1 includes the start-up: left out unless alone
     figures = dict(first_loss=train[0]["lm_loss"], last_loss=train[-1]["lm_loss"],
                    valid_loss=valid[-1] if valid else None, iterations=len(train),
-                   tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in train[1:]),
+                   tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in timed),
                    checkpoint=os.path.join(train_dir, "checkpoint", name), metrics=metrics,
                    log=os.path.join(train_dir, "log", f"{name}.log"))
     report.line(f"lm loss {figures['first_loss']:.3f} (iteration 1) -> {figures['last_loss']:.3f} "
@@ -405,12 +413,24 @@ def run_pipeline(out: str, setting: Setting, report: Report) -> dict:
     return figures
 
 
+def positive_int(text: str) -> int:
+    """``--train-iters``: refused at once rather than by the launcher after the first stages."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="quickstart_output")
     parser.add_argument("--fast", action="store_true",
                         help="a small corpus and a few iterations (the test's setting)")
-    parser.add_argument("--train-iters", type=int, help="override the setting's iterations")
+    parser.add_argument("--train-iters", type=positive_int,
+                        help="override the setting's iterations")
     args = parser.parse_args(argv)
     quiet_libraries()
     out = os.path.abspath(args.output_dir)
