@@ -12,23 +12,17 @@ from megatron_patch.convert.io_utils import CheckpointError
 
 @dataclass
 class Checkpoint:
-    """What ``open_megatron`` found at ``--load``."""
+    """What ``open_megatron`` found at ``--load``; the reader is reused to load the weights."""
 
     path: str
-    root: str
-    bundle: tuple             # (reader, family, args, meta), reused when loading weights
+    reader: object
+    family: object
+    args: object              # ModelArgs
+    meta: dict
 
     @property
-    def family(self):
-        return self.bundle[1]
-
-    @property
-    def args(self):
-        return self.bundle[2]
-
-    @property
-    def meta(self) -> dict:
-        return self.bundle[3]
+    def root(self) -> str:
+        return self.reader.root
 
 
 def open_checkpoint(load: str) -> Checkpoint:
@@ -36,10 +30,9 @@ def open_checkpoint(load: str) -> Checkpoint:
     from megatron_patch.convert.engine import open_megatron
 
     try:
-        bundle = open_megatron(load)
+        return Checkpoint(load, *open_megatron(load))
     except CheckpointError as err:
         raise CheckpointError(f"--load: {err}") from None
-    return Checkpoint(load, bundle[0].root, bundle)
 
 
 def tokenizer_location(checkpoint: Checkpoint, tokenizer_path: str | None,
@@ -92,7 +85,7 @@ def load_model(checkpoint: Checkpoint, tensor_parallel: int, precision: str = "f
                                 precision=precision)
     model = build_gpt_model(family, args, config, runtime_padded_vocab(meta, tensor_parallel))
     load_model_weights(model, checkpoint.path, ps.get_tensor_model_parallel_rank(),
-                       tensor_parallel, 0, 1, checkpoint.bundle)
+                       tensor_parallel, 0, 1, (checkpoint.reader, family, args, meta))
     return model.to(compat.device()).eval()
 
 
