@@ -61,13 +61,9 @@ class GraphBackend(StaticBackend):
         if compile_mode:
             self.run_layer = compile_layer_function(compile_mode)
 
-    def step(self, tokens):
-        self._check_room(self.next_slot + 1)
-        self.state.tokens.copy_(tokens[:, None])
-        window = self.window()
+    def _run_decode_step(self, window):
         graph, logits = self.graphs.get(window) or self._capture(window)
         graph.replay()
-        self.next_slot += 1
         return logits
 
     def _prepare(self, batch, device):

@@ -160,10 +160,14 @@ class StaticBackend(Backend):
     def step(self, tokens):
         self._check_room(self.next_slot + 1)
         self.state.tokens.copy_(tokens[:, None])
-        with self.cache_active():
-            logits = self.decode_step(self.window())
+        logits = self._run_decode_step(self.window())
         self.next_slot += 1
         return logits
+
+    def _run_decode_step(self, window: int) -> torch.Tensor:
+        """:meth:`decode_step`, eagerly (the CUDA-graph backend replays it instead)."""
+        with self.cache_active():
+            return self.decode_step(window)
 
     def window(self) -> int:
         """Cache slots the next decode step reads: its own slot, rounded up to the bucket."""
