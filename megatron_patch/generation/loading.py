@@ -97,7 +97,10 @@ def size_mismatch(checkpoint: Checkpoint, model_size: str | None) -> str | None:
     always comes from the checkpoint); ValueError for a size the family does not have."""
     if not model_size:
         return None
-    expected = checkpoint.family.args_for_size(model_size)
+    try:
+        expected = checkpoint.family.args_for_size(model_size)
+    except ValueError as err:
+        raise ValueError(f"--model-size: {err}") from None
     differ = [f"{name} {getattr(checkpoint.args, name)} (not {getattr(expected, name)})"
               for name in SHAPE_FIELDS if getattr(checkpoint.args, name) != getattr(expected, name)]
     if not differ:
