@@ -285,9 +285,12 @@ def measure(stack: str, ours, hf, prompts, shape: dict, vocab_size: int, opts) -
 
 
 def save(results: dict, path: str | None) -> None:
+    """``results`` to ``path`` (rewritten after every row) through a temporary file, so an
+    interrupted run leaves the last complete results, never a truncated file."""
     if path:
-        with open(path, "w") as handle:
+        with open(f"{path}.tmp", "w") as handle:
             json.dump(results, handle, indent=1)
+        os.replace(f"{path}.tmp", path)
 
 
 def parse_args(argv=None):
@@ -304,7 +307,10 @@ def parse_args(argv=None):
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: the kernels of one decode step of the CUDA-graph stacks")
-    return parser.parse_args(argv)
+    opts = parser.parse_args(argv)
+    if opts.output and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output))):
+        parser.error(f"--output {opts.output}: its directory does not exist")
+    return opts
 
 
 def timed_rows(stacks, shape, models, results, opts, started) -> None:
