@@ -154,6 +154,10 @@ def build_optimizer(args, chunks):
     optimizer = get_megatron_optimizer(config, chunks)
     gbs = args.global_batch_size
     decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler would only assert
+        raise ValueError(f"the learning-rate warm-up ({args.lr_warmup_iters} iterations, from "
+                         f"--lr-warmup-iters/--warmup-tokens) must be shorter than the decay "
+                         f"({decay_iters} iterations, --lr-decay-iters or --train-iters)")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
