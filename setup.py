@@ -26,7 +26,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "matplotlib"],
+        # The tests run megatron_patch.kernels in Triton's interpreter on the CPU.
+        "test": ["pytest", "pytest-timeout", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
+        # Triton decode kernels (generate --decode-kernels); CUDA builds of torch bring it.
+        "kernels": ["triton>=3.0"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -70,7 +70,7 @@ def run(opts) -> None:
     compat.initialize_parallel(opts.tensor_model_parallel_size, 1, seed=opts.seed)
     try:
         model = load_model(checkpoint, opts.tensor_model_parallel_size, opts.precision)
-        backend = build_backend(opts.inference_backend, model, seq_length)
+        backend = build_backend(opts.inference_backend, model, seq_length, opts.decode_kernels)
         log(f"[generate] {len(ids)} prompts, backend {type(backend).__name__}, "
             f"micro-batch {opts.micro_batch_size}, {opts.precision}")
         completions = generate_all(backend, ids, opts.sampling, limits, opts.micro_batch_size,

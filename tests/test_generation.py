@@ -98,8 +98,8 @@ def hf_reference(assets, loaded):
     return hf_greedy(assets.hf, loaded.ids, loaded.tokenizer)
 
 
-def run_backend(loaded, name, prompts_ids, params=GREEDY, generator=None):
-    backend = build_backend(name, loaded.model, 64)
+def run_backend(loaded, name, prompts_ids, params=GREEDY, generator=None, kernels="auto"):
+    backend = build_backend(name, loaded.model, 64, kernels)
     completions, _ = generate_batch(backend, prompts_ids, params, loaded.limits, generator)
     return [c.ids for c in completions]
 
@@ -443,3 +443,50 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
     results = json.load(open(tmp_path / "bench.json"))
     assert all(results["parity"][name]["equal"] for name in ("mcore", "static", "uncached"))
     assert all("decode_tps" in row for row in results["rows"])
+
+
+# --------------------------------------------------------------------------- decode kernels
+
+
+def test_decode_kernels_match_hf_generate_and_the_eager_cache(loaded, hf_reference):
+    """The Triton matrix-vector and flash-decoding kernels (Triton's interpreter on CPU) in the
+    decode steps of our static cache: HF's greedy tokens, and every step's logits equal to the
+    eager cache's to fp32 rounding."""
+    tokens, valid = left_pad(loaded.ids, loaded.limits.pad_id, "cpu")
+    eager, fast = StaticBackend(loaded.model, 64), StaticBackend(loaded.model, 64, kernels=True)
+    assert fast.holder is eager.holder  # the same model, cache and weights: only the kernels
+    torch.testing.assert_close(fast.start(tokens, valid), eager.start(tokens, valid))
+    step = tokens[:, -1]
+    for _ in range(4):
+        expected = eager.step(step)
+        logits = fast.step(step)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        step = expected.argmax(-1)
+    assert run_backend(loaded, "static", loaded.ids, kernels="on") == hf_reference
+
+
+def test_generate_cli_with_decode_kernels_writes_the_mcore_completions(assets, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.txt", PROMPTS)
+    outputs = {}
+    for name, flags in (("mcore", ["--inference-backend", "mcore"]),
+                        ("kernels", ["--inference-backend", "static", "--decode-kernels", "on"])):
+        out = tmp_path / f"{name}.jsonl"
+        code, err = run_main(capsys, "--load", assets.tp1, "--input-file", source,
+                             "--output-file", str(out), "--top-k", "1", "--max-new-tokens", "6",
+                             "--micro-batch-size", "4", *flags)
+        assert code == 0, err
+        outputs[name] = [json.loads(line)["completion_ids"] for line in out.open()]
+    assert outputs["kernels"] == outputs["mcore"] and len(outputs["mcore"]) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("flags,interpret,message", [
+    (["--inference-backend", "mcore"], "1", "--decode-kernels on needs our static cache"),
+    (["--inference-backend", "static"], "0", "--decode-kernels on needs a GPU"),
+])
+def test_decode_kernels_on_where_they_cannot_run_is_a_usage_error(assets, capsys, monkeypatch,
+                                                                  flags, interpret, message):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(capsys, "--load", assets.tp1, "--input-file", "in", "--output-file", "out",
+                 "--decode-kernels", "on", *flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -5,7 +5,7 @@ cache and its CUDA-graph replay; ``engine.BACKENDS`` names them all.
 Every backend has the same two calls, so the generation loop (engine.py) never knows which one
 runs: ``start(tokens, valid)`` runs the left-padded prompts and ``step(tokens)`` one new token per
 row; both return the logits of the last position, [batch, padded vocab], gathered over the
-tensor-parallel ranks.
+tensor-parallel ranks. Greedy decoding calls ``step_greedy``, which returns the argmax instead.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ class Backend:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row ([b]); returns the new position's logits."""
         raise NotImplementedError
+
+    def step_greedy(self, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """:meth:`step`, then each row's most likely token among the first ``vocab_size``
+        (the engine's greedy loop; the CUDA-graph backend runs both in one graph)."""
+        return self.step(tokens)[:, :vocab_size].argmax(dim=-1)
 
     def _check_room(self, length: int) -> None:
         if length > self.max_length:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_patch.generation.engine import BACKENDS
+from megatron_patch import compat
+from megatron_patch.generation import decode_kernels
+from megatron_patch.generation.engine import BACKENDS, backend_name
 from megatron_patch.generation.sampling import SamplingParams
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "on CPU and under TP > 1), static (ours, eager), graph (ours + CUDA "
                             "graphs; the default on one GPU), graph-compiled (+ torch.compile: "
                             "fastest, compiles per batch size and 128-token window), uncached")
+    model.add_argument("--decode-kernels", choices=decode_kernels.CHOICES, default="auto",
+                       help="Triton matrix-vector and flash-decoding kernels for decode steps of "
+                            "our static cache (up to 4 rows a step; auto: on with the graph "
+                            "backends when Triton is installed)")
     return parser
 
 
@@ -85,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.bf16 and opts.fp16:
         parser.error("--bf16 and --fp16 are exclusive")
     opts.precision = "bf16" if opts.bf16 else "fp16" if opts.fp16 else "fp32"
+    try:
+        backend = backend_name(opts.inference_backend, compat.device(),
+                               opts.tensor_model_parallel_size)
+        decode_kernels.resolve(opts.decode_kernels, compat.device(), backend)
+    except ValueError as err:
+        parser.error(str(err))
     if opts.seq_length is not None and opts.seq_length <= opts.max_new_tokens:
         parser.error(f"--seq-length {opts.seq_length} leaves no room for a prompt with "
                      f"--max-new-tokens {opts.max_new_tokens}")

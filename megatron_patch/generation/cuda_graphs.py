@@ -14,10 +14,9 @@ embedding, norms and SwiGLU, most of a layer's small kernels), and the compiled 
 captured.
 
 Measured on one H200 (toolkits/benchmarks/bench_generation.py, ~1B Llama, bf16, 2026-11-28):
-graph 507 / 7,198 decode tokens/s at batch 1 / 16 (696 kernels a step); compiled 953 / 13,343
-(216 kernels, 0.96 ms a step of which 0.93 ms is kernel time). What is left: cuBLAS's skinny
-GEMMs read the weights at ~68% of the copy bandwidth (0.65 ms against 0.45), and cuDNN's SDPA
-with one query row takes 8 us a layer at batch 1 (0.13 ms a step).
+graph 513 / 7,215 decode tokens/s at batch 1 / 16; compiled 963 / 13,474; compiled with the
+Triton decode kernels (decode_kernels.py) 1,123 / 13,097, 51% of the memory-bandwidth bound at
+batch 1. Greedy decoding runs the argmax inside the graph too (:meth:`step_greedy`).
 """
 from __future__ import annotations
 
@@ -51,44 +50,67 @@ class GraphBackend(StaticBackend):
     """:class:`StaticBackend` whose decode steps are CUDA-graph replays."""
 
     def __init__(self, model, max_length: int, compile_mode: Optional[str] = None,
-                 window_bucket: int = WINDOW_BUCKET):
+                 window_bucket: int = WINDOW_BUCKET, kernels: bool = False):
         if not torch.cuda.is_available():
             raise ValueError("the 'graph' backend needs a GPU; use --inference-backend static "
                              "(the same math, eager) or mcore")
-        super().__init__(model, max_length, window_bucket)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        super().__init__(model, max_length, window_bucket, kernels)
+        # (window, vocab size of the in-graph argmax or None) -> (graph, its output)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         if compile_mode:
             self.run_layer = compile_layer_function(compile_mode)
 
     def _run_decode_step(self, window):
-        graph, logits = self.graphs.get(window) or self._capture(window)
+        graph, logits = self.graphs.get((window, None)) or self._capture(window)
         graph.replay()
         return logits
+
+    def step_greedy(self, tokens, vocab_size):
+        """One graph replay: the decode step, the argmax over the first ``vocab_size`` logits,
+        and that argmax written as the next step's input. ``tokens`` returned by the previous
+        call are already in place; others (the first step) are copied in."""
+        self._check_room(self.next_slot + 1)
+        graph, chosen = (self.graphs.get((self.window(), vocab_size))
+                         or self._capture(self.window(), vocab_size))
+        if tokens is not chosen:
+            self.state.tokens.copy_(tokens[:, None])
+        graph.replay()
+        self.next_slot += 1
+        return chosen
 
     def _prepare(self, batch, device):
         if self._needs_allocation(batch):
             self.graphs.clear()  # they point at the old buffers
         super()._prepare(batch, device)
 
-    def _capture(self, window: int):
-        """Warm up (cuBLAS handles, compilation) on a side stream, then capture one step. The
-        warm-up steps write the current slot, which the real step overwrites; the counters are
+    def _graph_body(self, window: int, vocab_size: Optional[int]) -> torch.Tensor:
+        logits = self.decode_step(window)
+        if vocab_size is None:
+            return logits
+        chosen = logits[:, :vocab_size].argmax(dim=-1)
+        self.state.tokens.copy_(chosen[:, None])
+        return chosen
+
+    def _capture(self, window: int, vocab_size: Optional[int] = None):
+        """Warm up (cuBLAS handles, compilation, Triton autotuning) on a side stream, then
+        capture one step (with the argmax when ``vocab_size`` is given). The warm-up steps write
+        the current slot, which the real step overwrites; the counters and input tokens are
         restored."""
         state = self.state
-        slot, positions = state.slot.clone(), state.positions.clone()
+        saved = [t.clone() for t in (state.slot, state.positions, state.tokens)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), self.cache_active():
             for _ in range(2):
-                self.decode_step(window)
-                state.slot.copy_(slot)
-                state.positions.copy_(positions)
+                self._graph_body(window, vocab_size)
+                for tensor, value in zip((state.slot, state.positions, state.tokens), saved):
+                    tensor.copy_(value)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), self.cache_active():
-            logits = self.decode_step(window)
-        self.graphs[window] = (graph, logits)
-        return graph, logits
+            output = self._graph_body(window, vocab_size)
+        self.graphs[(window, vocab_size)] = (graph, output)
+        return graph, output

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from megatron_patch.generation import decode_kernels as decode_kernels_module
 from megatron_patch.generation.backends import McoreBackend, UncachedBackend
 from megatron_patch.generation.batching import left_pad
 from megatron_patch.generation.cuda_graphs import GraphBackend
@@ -34,18 +35,28 @@ BACKENDS = {
 STOP_CHECK_EVERY_GPU = 8
 
 
-def build_backend(name: str, model, max_length: int):
-    """Backend ``name``: a key of BACKENDS, or ``auto``: ``graph`` on one GPU, ``mcore``
-    otherwise (on the CPU, and under tensor parallelism, where CUDA graphs over NCCL
-    all-reduces have not been measured yet). ``graph-compiled`` is the fastest on a GPU but
-    compiles once per batch size and attention window (seconds each), so it is asked for."""
+def backend_name(name: str, device: torch.device, tensor_parallel: int) -> str:
+    """``--inference-backend`` with ``auto`` resolved (see :func:`build_backend`)."""
     if name == "auto":
-        single_gpu = next(model.parameters()).is_cuda and \
-            model.config.tensor_model_parallel_size == 1
-        name = "graph" if single_gpu else "mcore"
+        return "graph" if device.type == "cuda" and tensor_parallel == 1 else "mcore"
     if name not in BACKENDS:
         raise ValueError(f"--inference-backend {name!r}: choose one of auto, "
                          f"{', '.join(BACKENDS)}")
+    return name
+
+
+def build_backend(name: str, model, max_length: int, decode_kernels: str = "auto"):
+    """Backend ``name``: a key of BACKENDS, or ``auto``: ``graph`` on one GPU, ``mcore``
+    otherwise (on the CPU, and under tensor parallelism, where CUDA graphs over NCCL
+    all-reduces have not been measured yet). ``graph-compiled`` is the fastest on a GPU but
+    compiles once per batch size and attention window (seconds each), so it is asked for.
+
+    ``decode_kernels`` (auto, on, off): decode steps of our static-cache backends through the
+    Triton kernels (decode_kernels.py); auto = on for the CUDA-graph backends."""
+    device = next(model.parameters()).device
+    name = backend_name(name, device, model.config.tensor_model_parallel_size)
+    if decode_kernels_module.resolve(decode_kernels, device, name):
+        return BACKENDS[name](model, max_length, kernels=True)
     return BACKENDS[name](model, max_length)
 
 
@@ -110,19 +121,28 @@ def generate_batch(backend, prompts: list[list[int]], params: SamplingParams, li
                            dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     check_every = STOP_CHECK_EVERY_GPU if device.type == "cuda" else 1
+    # Greedy without a penalty: the backend returns the argmax itself (in the CUDA graph).
+    # Finished rows keep decoding their own argmax; their tokens are replaced by padding.
+    argmax_in_backend = params.greedy and seen is None
+    chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params, generator)
     prefilled, steps = _synchronized_time(device), 0
     for step in range(limits.max_new_tokens):
-        chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params, generator)
-        chosen = torch.where(finished, limits.pad_id, agree_across_tensor_parallel(chosen))
-        generated[:, step] = chosen
+        chosen = agree_across_tensor_parallel(chosen)
+        kept = torch.where(finished, limits.pad_id, chosen)
+        generated[:, step] = kept
         if limits.eos_id is not None:
-            finished |= chosen == limits.eos_id
+            finished |= kept == limits.eos_id
         if step + 1 == limits.max_new_tokens or (limits.eos_id is not None and (
                 step + 1) % check_every == 0 and bool(finished.all())):
             break
-        if seen is not None:
-            seen.scatter_(1, chosen[:, None], True)
-        logits = backend.step(chosen)
+        if argmax_in_backend:
+            chosen = backend.step_greedy(chosen, limits.vocab_size)
+        else:
+            if seen is not None:
+                seen.scatter_(1, kept[:, None], True)
+            logits = backend.step(kept)
+            chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params,
+                                   generator)
         steps += 1
     completions = trim_completions(generated[:, : step + 1].tolist(), limits.eos_id)
     done = _synchronized_time(device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch.generation import decode_kernels
 from megatron_patch.generation.backends import Backend
 from megatron_patch.generation.batching import causal_padding_mask, decode_mask, positions_of
 
@@ -36,6 +37,7 @@ class CacheHolder:
         self.window = 0
         self.batch = 0
         self.allocation = 0  # counts allocations: a backend's graphs hold the buffers of one
+        self.kernels = False  # decode steps through megatron_patch.kernels (decode_kernels.py)
 
 
 class CachedCoreAttention(torch.nn.Module):
@@ -56,9 +58,19 @@ class CachedCoreAttention(torch.nn.Module):
         if holder.active:
             self.cached_keys.index_copy_(0, holder.slots, key)
             self.cached_values.index_copy_(0, holder.slots, value)
+            if holder.kernels and query.size(0) == 1:
+                return self._decode_attention(query, attention_mask)
             key = self.cached_keys[: holder.window]
             value = self.cached_values[: holder.window]
         return self.inner(query, key, value, attention_mask, **kwargs)
+
+    def _decode_attention(self, query, attention_mask):
+        """One query per row through the flash-decoding kernel: [1, b, h, d] -> [1, b, h x d]."""
+        batch = query.size(1)
+        out = torch.ops.megatron_patch.decode_attention(
+            query[0].contiguous(), self.cached_keys, self.cached_values,
+            attention_mask.reshape(batch, -1), self.holder.window, self.inner.softmax_scale)
+        return out.view(1, batch, -1)
 
 
 def install_static_cache(model) -> CacheHolder:
@@ -131,10 +143,13 @@ class StaticBackend(Backend):
     :meth:`decode_step`). A decode step reads the cache up to the next multiple of
     ``window_bucket`` slots; the slots past the current one are masked."""
 
-    def __init__(self, model, max_length: int, window_bucket: int = 1):
+    def __init__(self, model, max_length: int, window_bucket: int = 1, kernels: bool = False):
         super().__init__(model, max_length)
         self.window_bucket = window_bucket
         self.holder = install_static_cache(model)
+        self.kernels = kernels  # decode steps through Triton kernels (decode_kernels.py)
+        if kernels:
+            decode_kernels.install(model, self.holder)
         table = model.rotary_pos_emb(max_length)  # [max_length, 1, 1, dim], fp32
         self.rope_table = table.reshape(max_length, table.size(-1))
         self.state: DecodeState | None = None
@@ -190,7 +205,7 @@ class StaticBackend(Backend):
     def cache_active(self):
         """The wrapped attentions use the static cache inside the block, and pass through
         outside it (other backends may run on the same model)."""
-        self.holder.active = True
+        self.holder.active, self.holder.kernels = True, self.kernels
         try:
             yield
         finally:

@@ -44,20 +44,27 @@ SHAPES = {
     "1b": dict(size="1B", precision="bf16", prompt=128, new=256, batches=(1, 16)),
     "tiny": dict(size="tiny", precision="fp32", prompt=8, new=8, batches=(1, 2)),
 }
-OURS = {  # table label -> backend name
+OURS = {  # table label -> backend name (+kernels: decode steps through megatron_patch.kernels)
     "ours: static cache + CUDA graphs": "graph",
+    "ours: CUDA graphs + Triton decode kernels": "graph+kernels",
     "ours: mcore (StaticInferenceContext)": "mcore",
     "ours: static cache (eager)": "static",
     "ours: CUDA graphs + torch.compile": "graph-compiled",
+    "ours: CUDA graphs + torch.compile + Triton decode kernels": "graph-compiled+kernels",
 }
 HF = {"HF generate (eager)": {}, "HF static cache + torch.compile": {"cache_implementation":
                                                                     "static"}}
 # Run order: the slow-to-compile and least certain stacks last (--max-seconds may cut them).
-ORDER = ("ours: static cache + CUDA graphs", "HF generate (eager)",
-         "HF static cache + torch.compile", "ours: mcore (StaticInferenceContext)",
-         "ours: static cache (eager)", "ours: CUDA graphs + torch.compile")
-GPU_ONLY = {"ours: static cache + CUDA graphs", "ours: CUDA graphs + torch.compile",
+ORDER = ("ours: static cache + CUDA graphs", "ours: CUDA graphs + Triton decode kernels",
+         "HF generate (eager)", "HF static cache + torch.compile",
+         "ours: mcore (StaticInferenceContext)", "ours: static cache (eager)",
+         "ours: CUDA graphs + torch.compile",
+         "ours: CUDA graphs + torch.compile + Triton decode kernels")
+GPU_ONLY = {"ours: static cache + CUDA graphs", "ours: CUDA graphs + Triton decode kernels",
+            "ours: CUDA graphs + torch.compile",
+            "ours: CUDA graphs + torch.compile + Triton decode kernels",
             "HF static cache + torch.compile"}
+COMPILED = ("graph-compiled", "graph-compiled+kernels")  # parity checked after the timings
 GREEDY = SamplingParams(top_k=1)
 
 
@@ -103,13 +110,17 @@ def build_models(size: str, precision: str, device):
 
 
 def make_backend(name: str, model, max_length: int, opts):
-    """Backend ``name``; the CUDA-graph ones with ``--window-bucket`` / ``--compile-mode``."""
+    """Backend ``name`` (a value of OURS); the CUDA-graph ones with ``--window-bucket`` /
+    ``--compile-mode``, and the Triton decode kernels when it ends in ``+kernels``."""
+    name, _, extra = name.partition("+")
+    kernels = extra == "kernels"
     if not name.startswith("graph"):
-        return build_backend(name, model, max_length)
+        return build_backend(name, model, max_length, "on" if kernels else "off")
     from megatron_patch.generation.cuda_graphs import GraphBackend
 
     mode = opts.compile_mode if name == "graph-compiled" else None
-    return GraphBackend(model, max_length, compile_mode=mode, window_bucket=opts.window_bucket)
+    return GraphBackend(model, max_length, compile_mode=mode, window_bucket=opts.window_bucket,
+                        kernels=kernels)
 
 
 def time_ours(model, backend_name, prompts, new_tokens, vocab_size, warmup_tokens, opts):
@@ -248,7 +259,7 @@ def profile_step(ours, name: str, batch: int, shape: dict, vocab_size: int, opts
     report = kernel_table(prof, steps)
     if not hasattr(backend, "graphs"):
         return report
-    graph, _ = backend.graphs[window]
+    graph, _ = backend.graphs.get((window, vocab_size)) or backend.graphs[(window, None)]
     synchronize(device)
     began = time.perf_counter()
     for _ in range(50):
@@ -367,7 +378,7 @@ def main(argv=None) -> int:
     stacks = [s for s in ORDER if (gpu or s not in GPU_ONLY)
               and (not opts.stacks or s in opts.stacks)]
     # Compiling is slow: the compiled backend's parity is checked last, after the timings.
-    early = [OURS[s] for s in stacks if s in OURS and OURS[s] != "graph-compiled"]
+    early = [OURS[s] for s in stacks if s in OURS and OURS[s] not in COMPILED]
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "shape": shape,
                "options": vars(opts), "parity": {}}
     if not opts.skip_parity:
@@ -377,10 +388,11 @@ def main(argv=None) -> int:
     timed_rows(stacks, shape, models, results, opts, started)
     if opts.profile and gpu:
         profiles(stacks, shape, models, results, opts)
-    if "ours: CUDA graphs + torch.compile" in stacks and not opts.skip_parity and \
-            time.perf_counter() - started < opts.max_seconds:
-        results["parity"].update(parity(["graph-compiled"], device, opts))
-        print("parity of graph-compiled:", json.dumps(results["parity"]["graph-compiled"]))
+    compiled = [OURS[s] for s in stacks if OURS.get(s) in COMPILED]
+    if compiled and not opts.skip_parity and time.perf_counter() - started < opts.max_seconds:
+        results["parity"].update(parity(compiled, device, opts))
+        print("parity of the compiled stacks:",
+              json.dumps({name: results["parity"][name] for name in compiled}))
         from torch._dynamo.utils import counters  # graph breaks hide kernels from fusion
 
         results["dynamo"] = {key: dict(counters[key]) for key in ("stats", "graph_break")}

@@ -1,0 +1,69 @@
+"""Decode steps of our static-cache backends through megatron_patch.kernels (Triton): each linear
+layer whose input has at most ``gemv.MAX_ROWS`` rows becomes a matrix-vector kernel, and the
+core attention of a one-token step becomes flash-decoding over the cache.
+
+The model's modules and weights stay the same: every ColumnParallelLinear / RowParallelLinear
+gets an instance ``_forward_impl`` (the call megatron-core makes for its matrix product, inside
+the tensor-parallel communication) that takes the kernel path only while the static cache is
+active with kernels on (``CacheHolder.kernels``); anything else (prefill, training, the mcore
+backend on the same model) runs megatron-core's own path.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_patch import kernels
+
+CHOICES = ("auto", "on", "off")
+
+
+def resolve(choice: str, device: torch.device, backend: str) -> bool:
+    """``--decode-kernels`` for ``backend`` on ``device``: auto = on for the CUDA-graph backends
+    on a GPU with Triton importable; on = required (ValueError saying what is missing)."""
+    if choice not in CHOICES:
+        raise ValueError(f"--decode-kernels {choice!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "off":
+        return False
+    static_cache = backend in ("static", "graph", "graph-compiled")
+    if choice == "auto":
+        return (static_cache and backend != "static" and device.type == "cuda"
+                and kernels.triton_importable())
+    if not static_cache:
+        raise ValueError(f"--decode-kernels on needs our static cache (--inference-backend "
+                         f"static, graph or graph-compiled), not {backend!r}")
+    if not kernels.triton_importable():
+        raise ValueError("--decode-kernels on needs Triton (pip install triton)")
+    if not kernels.supported_on(device):
+        raise ValueError("--decode-kernels on needs a GPU (on a CPU only under Triton's "
+                         "interpreter: TRITON_INTERPRET=1)")
+    return True
+
+
+def install(model, holder) -> None:
+    """Give every tensor-parallel linear layer of ``model`` the kernel path (once)."""
+    # Importing registers torch.ops.megatron_patch.gemv / decode_attention.
+    from megatron_patch.kernels import decode_attention, gemv  # noqa: F401
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if getattr(model, "_decode_kernels_installed", False):
+        return
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module._forward_impl = _linear_impl(module._forward_impl, holder)
+    model._decode_kernels_installed = True
+
+
+def _linear_impl(fallback, holder):
+    """megatron-core's ``_forward_impl(input, weight, bias, ...)`` with a matrix-vector path."""
+    from megatron_patch.kernels.gemv import MAX_ROWS
+
+    def forward_impl(input, weight, bias=None, *args, **kwargs):
+        rows = input.numel() // input.size(-1)
+        if (holder.active and holder.kernels and rows <= MAX_ROWS
+                and not kwargs.get("sequence_parallel")):
+            out = torch.ops.megatron_patch.gemv(input.reshape(rows, input.size(-1)), weight)
+            out = out.view(*input.shape[:-1], weight.size(0))
+            return out if bias is None else out + bias
+        return fallback(input, weight, bias, *args, **kwargs)
+
+    return forward_impl
