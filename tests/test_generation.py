@@ -450,11 +450,14 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
 
 def test_decode_kernels_match_hf_generate_and_the_eager_cache(loaded, hf_reference):
     """The Triton matrix-vector and flash-decoding kernels (Triton's interpreter on CPU) in the
-    decode steps of our static cache: HF's greedy tokens, and every step's logits equal to the
-    eager cache's to fp32 rounding."""
-    tokens, valid = left_pad(loaded.ids, loaded.limits.pad_id, "cpu")
+    decode steps of our static cache at batch 1: every step's logits equal the eager cache's to
+    fp32 rounding, and greedy tokens equal HF's for each prompt."""
+    from megatron_patch.generation import decode_kernels
+
+    assert decode_kernels.MAX_BATCH == 1  # the kernel path below is taken at batch 1
     eager, fast = StaticBackend(loaded.model, 64), StaticBackend(loaded.model, 64, kernels=True)
     assert fast.holder is eager.holder  # the same model, cache and weights: only the kernels
+    tokens, valid = left_pad(loaded.ids[2:3], loaded.limits.pad_id, "cpu")
     torch.testing.assert_close(fast.start(tokens, valid), eager.start(tokens, valid))
     step = tokens[:, -1]
     for _ in range(4):
@@ -462,7 +465,8 @@ def test_decode_kernels_match_hf_generate_and_the_eager_cache(loaded, hf_referen
         logits = fast.step(step)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         step = expected.argmax(-1)
-    assert run_backend(loaded, "static", loaded.ids, kernels="on") == hf_reference
+    for ids, reference in zip(loaded.ids, hf_reference):
+        assert run_backend(loaded, "static", [ids], kernels="on") == [reference]
 
 
 def test_generate_cli_with_decode_kernels_writes_the_mcore_completions(assets, tmp_path, capsys):
@@ -473,7 +477,7 @@ def test_generate_cli_with_decode_kernels_writes_the_mcore_completions(assets, t
         out = tmp_path / f"{name}.jsonl"
         code, err = run_main(capsys, "--load", assets.tp1, "--input-file", source,
                              "--output-file", str(out), "--top-k", "1", "--max-new-tokens", "6",
-                             "--micro-batch-size", "4", *flags)
+                             *flags)
         assert code == 0, err
         outputs[name] = [json.loads(line)["completion_ids"] for line in out.open()]
     assert outputs["kernels"] == outputs["mcore"] and len(outputs["mcore"]) == len(PROMPTS)

@@ -94,6 +94,26 @@ def test_decode_attention_merges_in_the_last_chunk_and_resets_its_counters():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_reads_nothing_after_last_slot(splits):
+    """With ``last_slot`` the slots after it are not read: NaN there (masked) leaves the output
+    equal to SDPA over the slots up to it; without it, the masked NaN values would leak."""
+    torch.manual_seed(7)
+    query = torch.randn(2, 4, 16)
+    keys, values = torch.randn(2, 64, 2, 2, 16).unbind(0)
+    last = 37
+    keys[last + 1:], values[last + 1:] = float("nan"), float("nan")
+    masked = torch.zeros(2, 64, dtype=torch.bool)
+    masked[:, last + 1:] = True
+    masked[1, :10] = True
+    out = decode_attention(query, keys, values, masked, 64, 0.25, splits,
+                           torch.tensor([last]))
+    expected = sdpa_reference(query, keys[: last + 1], values[: last + 1],
+                              masked[:, : last + 1], last + 1, 0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert decode_attention(query, keys, values, masked, 64, 0.25, splits).isnan().any()
+
+
 def test_decode_attention_rejects_mismatched_shapes():
     query, keys = torch.randn(2, 4, 16), torch.randn(10, 2, 2, 16)
     with pytest.raises(ValueError, match=r"window 12: expected"):
@@ -110,4 +130,5 @@ def test_custom_ops_pass_opcheck():
     keys = torch.randn(12, 1, 2, 16)
     torch.library.opcheck(torch.ops.megatron_patch.decode_attention.default,
                           (torch.randn(1, 4, 16), keys, keys.clone(),
-                           torch.zeros(1, 10, dtype=torch.bool), 10, 0.25, 2))
+                           torch.zeros(1, 10, dtype=torch.bool), 10, 0.25, 2,
+                           torch.tensor([8])))

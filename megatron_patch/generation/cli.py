@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fastest, compiles per batch size and 128-token window), uncached")
     model.add_argument("--decode-kernels", choices=decode_kernels.CHOICES, default="auto",
                        help="Triton matrix-vector and flash-decoding kernels for decode steps of "
-                            "our static cache (up to 4 rows a step; auto: on with the graph "
-                            "backends when Triton is installed)")
+                            "our static cache at batch 1 (auto: on with the graph backends when "
+                            "Triton is installed; on: also with --inference-backend static)")
     return parser
 
 

@@ -15,8 +15,8 @@ captured.
 
 Measured on one H200 (toolkits/benchmarks/bench_generation.py, ~1B Llama, bf16, 2026-11-28):
 graph 513 / 7,215 decode tokens/s at batch 1 / 16; compiled 963 / 13,474; compiled with the
-Triton decode kernels (decode_kernels.py) 1,123 / 13,097, 51% of the memory-bandwidth bound at
-batch 1. Greedy decoding runs the argmax inside the graph too (:meth:`step_greedy`).
+Triton decode kernels (decode_kernels.py) 1,123 at batch 1, 51% of the memory-bandwidth bound
+(at batch 16 they measured 13,097, slower: they apply at batch 1 only). Greedy decoding runs the argmax inside the graph too (:meth:`step_greedy`).
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ class CachedCoreAttention(torch.nn.Module):
         if holder.active:
             self.cached_keys.index_copy_(0, holder.slots, key)
             self.cached_values.index_copy_(0, holder.slots, value)
-            if holder.kernels and query.size(0) == 1:
+            one_token = query.size(0) == 1 and query.size(1) <= decode_kernels.MAX_BATCH
+            if holder.kernels and one_token:
                 return self._decode_attention(query, attention_mask)
             key = self.cached_keys[: holder.window]
             value = self.cached_values[: holder.window]
@@ -69,7 +70,8 @@ class CachedCoreAttention(torch.nn.Module):
         batch = query.size(1)
         out = torch.ops.megatron_patch.decode_attention(
             query[0].contiguous(), self.cached_keys, self.cached_values,
-            attention_mask.reshape(batch, -1), self.holder.window, self.inner.softmax_scale)
+            attention_mask.reshape(batch, -1), self.holder.window, self.inner.softmax_scale,
+            last_slot=self.holder.slots)
         return out.view(1, batch, -1)
 
 

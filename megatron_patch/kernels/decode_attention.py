@@ -16,6 +16,8 @@ always sees its own token).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,12 @@ BLOCK_S = 16  # keys per iteration of pass 1 (default of :func:`launch`)
 
 
 @triton.jit
-def _partial_kernel(q_ptr, k_ptr, v_ptr, masked_ptr, out_ptr, part_ptr, stats_ptr, count_ptr,
-                    heads, window, keys_per_split, scale,
+def _partial_kernel(q_ptr, k_ptr, v_ptr, masked_ptr, last_ptr, out_ptr, part_ptr, stats_ptr,
+                    count_ptr, heads, window, keys_per_split, scale,
                     stride_qb, stride_qh, stride_ks, stride_kb, stride_kg,
                     stride_vs, stride_vb, stride_vg, stride_mb, stride_ob, stride_oh,
                     HEADS_PER_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+                    BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, HAS_LAST: tl.constexpr):
     row_head = tl.program_id(0)
     split = tl.program_id(1)
     b = row_head // heads
@@ -44,6 +46,8 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, masked_ptr, out_ptr, part_ptr, stats_pt
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, window)
+    if HAS_LAST:  # slots after the one written this step are empty: not read at all
+        end = tl.minimum(end, tl.load(last_ptr).to(tl.int32) + 1)
     for s0 in range(start, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         in_range = s < end
@@ -128,11 +132,13 @@ def choose_launch(row_heads: int, window: int, device: torch.device) -> tuple[in
 
 @torch.library.custom_op("megatron_patch::decode_attention", mutates_args=())
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     masked: torch.Tensor, window: int, scale: float, splits: int = 0
-                     ) -> torch.Tensor:
+                     masked: torch.Tensor, window: int, scale: float, splits: int = 0,
+                     last_slot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``query`` [b, heads, d] over the first ``window`` slots of ``keys``/``values``
     [slots, b, groups, d] where ``masked`` [b, window] is False -> [b, heads, d].
-    ``splits`` 0 chooses the chunk count (:func:`choose_launch`); else a power of two."""
+    ``splits`` 0 chooses the chunk count (:func:`choose_launch`); else a power of two.
+    ``last_slot`` (a one-element device tensor): slots after it are masked and are not read
+    (a CUDA graph's window is rounded up; its step reads only the slots written so far)."""
     batch, heads, head_dim = query.shape
     groups = keys.size(2)
     if (keys.shape != values.shape or keys.size(1) != batch or keys.size(3) != head_dim
@@ -153,12 +159,12 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     out = torch.empty_like(query)
     chosen, block_s, num_warps = choose_launch(batch * heads, window, query.device)
     launch(query, keys, values, masked, window, scale, out, splits or chosen, block_s,
-           num_warps)
+           num_warps, last_slot)
     return out
 
 
 def launch(query, keys, values, masked, window: int, scale: float, out, splits: int,
-           block_s: int = BLOCK_S, num_warps: int = 0) -> None:
+           block_s: int = BLOCK_S, num_warps: int = 0, last_slot=None) -> None:
     """Passes 1 and 2 into ``out`` with explicit launch parameters; no checks (see
     :func:`decode_attention`)."""
     batch, heads, head_dim = query.shape
@@ -171,14 +177,15 @@ def launch(query, keys, values, masked, window: int, scale: float, out, splits: 
         counts = _counters(query.device, batch * heads)
     masked = masked.view(torch.uint8) if masked.dtype == torch.bool else masked
     _partial_kernel[(batch * heads, splits)](
-        query, keys, values, masked, out, parts, stats, counts, heads, window, keys_per_split,
+        query, keys, values, masked, out if last_slot is None else last_slot, out, parts, stats,
+        counts, heads, window, keys_per_split,
         scale, query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), masked.stride(0), out.stride(0),
         out.stride(1), HEADS_PER_GROUP=heads // keys.size(2), HEAD_DIM=head_dim,
-        BLOCK_S=block_s, SPLITS=splits,
+        BLOCK_S=block_s, SPLITS=splits, HAS_LAST=last_slot is not None,
         num_warps=num_warps or (4 if head_dim >= 128 else 2))
 
 
 @decode_attention.register_fake
-def _(query, keys, values, masked, window, scale, splits=0):
+def _(query, keys, values, masked, window, scale, splits=0, last_slot=None):
     return torch.empty_like(query)
