@@ -494,3 +494,17 @@ def test_decode_kernels_on_where_they_cannot_run_is_a_usage_error(assets, capsys
         run_main(capsys, "--load", assets.tp1, "--input-file", "in", "--output-file", "out",
                  "--decode-kernels", "on", *flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_decode_kernels_under_tp2_match_hf_generate(assets, hf_reference):
+    """The kernels on each rank's shard: the matrix-vector product inside megatron-core's
+    tensor-parallel linears (all-reduce after the row-parallel ones), attention over the rank's
+    heads."""
+    source = write_lines(assets.root / "kernels_tp2.txt", PROMPTS)
+    output = str(assets.root / "kernels_tp2.jsonl")
+    run_torchrun(["-m", "megatron_patch.generate", "--load", assets.tp2, "--input-file", source,
+                  "--output-file", output, "--tensor-model-parallel-size", "2", "--top-k", "1",
+                  "--max-new-tokens", str(NEW_TOKENS), "--inference-backend", "static",
+                  "--decode-kernels", "on"])
+    records = [json.loads(line) for line in open(output, encoding="utf-8")]
+    assert [r["completion_ids"] for r in records] == hf_reference
