@@ -179,3 +179,24 @@ def test_unusable_input_or_output_stops_with_a_clear_error(tmp_path, case):
         clean_corpus(str(source), str(output))
     proc = run_python([CLI, "-i", str(source), "-o", str(output)], check=False)
     assert proc.returncode == 2 and expected in proc.stderr
+
+
+def test_a_run_that_stops_partway_leaves_no_output(tmp_path, monkeypatch):
+    """Files finished before the failure are removed too: what is left must never look like
+    the cleaned corpus."""
+    from megatron_patch.data import cleaning
+
+    make_corpus(tmp_path / "in")
+    real = cleaning.clean_chunk
+
+    def fails_on_the_third_file(task):
+        if task[0] == 2:
+            raise OSError("disk full")
+        return real(task)
+
+    monkeypatch.setattr(cleaning, "clean_chunk", fails_on_the_third_file)
+    with pytest.raises(OSError, match="disk full"):
+        clean_corpus(str(tmp_path / "in"), str(tmp_path / "out"))
+    left = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "out")
+            for name in names]
+    assert left == [] and not (tmp_path / "out.summary.json").exists()

@@ -84,6 +84,7 @@ def test_truncated_input_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lines-per-shard", "0"], "--lines-per-shard must be >= 1"),
+    (["--level", "99"], "--level must be within 1..22 (zstd), got 99"),
     (["--input", "/no/such/dir"], "--input '/no/such/dir'")])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     source = tmp_path / "in.jsonl"

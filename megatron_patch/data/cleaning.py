@@ -14,6 +14,7 @@ CLI: ``toolkits/pretrain_data_preprocessing/clean_raw_text.py -i IN -o OUT -p N`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +315,7 @@ class _Consumer:
         self.max_reported, self.log_interval = max_reported, log_interval
         self.seen: set[bytes] = set()
         self.out: _AtomicFile | None = None
+        self.committed: list[str] = []  # outputs this run finished (removed if it fails)
         self.index = -1
         self.start = self.last_log = time.monotonic()
 
@@ -360,12 +362,18 @@ class _Consumer:
     def finish_file(self) -> None:
         if self.out is not None:
             self.out.commit()
+            self.committed.append(self.out.path)
             self.out = None
 
     def abort(self) -> None:
+        """A run that stops leaves no output of its own: the next step would take the files
+        it finished for the whole corpus."""
         if self.out is not None:
             self.out.discard()
             self.out = None
+        for path in self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def clean_corpus(input_path: str, output_dir: str, config: CleanConfig = CleanConfig(),
@@ -455,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clean_raw_text: error: {err}", file=sys.stderr)
         return 2
     except BrokenProcessPool as err:
-        print(f"clean_raw_text: error: a worker process died ({err}); out of memory? The file "
-              "being written was removed and no summary was written.", file=sys.stderr)
+        print(f"clean_raw_text: error: a worker process died ({err}); out of memory? The "
+              "files this run wrote were removed and no summary was written.", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0

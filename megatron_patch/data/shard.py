@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
+import zstandard
 
 from megatron_patch.data.readers import InputError, expand_inputs, iter_chunks
 
@@ -74,8 +75,6 @@ def write_shard(path: str, data: bytes, level: int | None) -> int:
     """Write ``data`` (zstd at ``level``, or raw when None) to ``path`` atomically; returns the
     bytes written."""
     if level is not None:
-        import zstandard
-
         data = zstandard.ZstdCompressor(level=level).compress(data)
     temporary = f"{path}.tmp{os.getpid()}"
     try:
@@ -109,6 +108,9 @@ def shard_jsonl(inputs: list[str], output_dir: str, lines_per_shard: int = 1000,
         raise ValueError(f"--lines-per-shard must be >= 1, got {lines_per_shard}")
     if threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: one per CPU), got {threads}")
+    if compress == "zst" and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise ValueError(f"--level must be within 1..{zstandard.MAX_COMPRESSION_LEVEL} (zstd), "
+                         f"got {level}")
     start, paths = time.time(), expand_inputs(inputs)
     prepare_output_dir(output_dir, overwrite)
     suffix, zstd_level = (".jsonl.zst", level) if compress == "zst" else (".jsonl", None)
