@@ -132,3 +132,14 @@ def test_custom_ops_pass_opcheck():
                           (torch.randn(1, 4, 16), keys, keys.clone(),
                            torch.zeros(1, 10, dtype=torch.bool), 10, 0.25, 2,
                            torch.tensor([8])))
+
+
+def test_decode_kernels_need_a_power_of_two_head_dim():
+    from megatron_patch.generation import decode_kernels
+
+    cpu = torch.device("cpu")  # the interpreter counts as supported here
+    assert decode_kernels.resolve("on", cpu, "static", 128)
+    assert not decode_kernels.resolve("auto", torch.device("cuda"), "graph", 80)
+    with pytest.raises(ValueError, match="head dim that is a power of two up to 256; this "
+                                         "model's is 80"):
+        decode_kernels.resolve("on", cpu, "static", 80)

@@ -10,6 +10,8 @@ backend on the same model) runs megatron-core's own path.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_patch import kernels
@@ -22,17 +24,32 @@ CHOICES = ("auto", "on", "off")
 MAX_BATCH = 1
 
 
-def resolve(choice: str, device: torch.device, backend: str) -> bool:
-    """``--decode-kernels`` for ``backend`` on ``device``: auto = on for the CUDA-graph backends
-    on a GPU with Triton importable; on = required (ValueError saying what is missing)."""
+MAX_HEAD_DIM = 256  # the attention kernel holds a [BLOCK_S, head dim] fp32 tile per operand
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    """The attention kernel's head dims: powers of two up to MAX_HEAD_DIM."""
+    return 0 < head_dim <= MAX_HEAD_DIM and head_dim & (head_dim - 1) == 0
+
+
+def resolve(choice: str, device: torch.device, backend: str,
+            head_dim: Optional[int] = None) -> bool:
+    """``--decode-kernels`` for ``backend`` on ``device`` (and a model of ``head_dim``, once
+    known): auto = on for the CUDA-graph backends on a GPU with Triton importable; on =
+    required (ValueError saying what is missing)."""
     if choice not in CHOICES:
         raise ValueError(f"--decode-kernels {choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "off":
         return False
     static_cache = backend in ("static", "graph", "graph-compiled")
+    usable_head = head_dim is None or head_dim_supported(head_dim)
     if choice == "auto":
         return (static_cache and backend != "static" and device.type == "cuda"
-                and kernels.triton_importable())
+                and kernels.triton_importable() and usable_head)
+    if not usable_head:
+        raise ValueError(f"--decode-kernels on: the attention kernel needs a head dim that is a "
+                         f"power of two up to {MAX_HEAD_DIM}; this model's is {head_dim} (use "
+                         f"--decode-kernels off)")
     if not static_cache:
         raise ValueError(f"--decode-kernels on needs our static cache (--inference-backend "
                          f"static, graph or graph-compiled), not {backend!r}")

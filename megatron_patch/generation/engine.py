@@ -55,7 +55,7 @@ def build_backend(name: str, model, max_length: int, decode_kernels: str = "auto
     Triton kernels (decode_kernels.py); auto = on for the CUDA-graph backends."""
     device = next(model.parameters()).device
     name = backend_name(name, device, model.config.tensor_model_parallel_size)
-    if decode_kernels_module.resolve(decode_kernels, device, name):
+    if decode_kernels_module.resolve(decode_kernels, device, name, model.config.kv_channels):
         return BACKENDS[name](model, max_length, kernels=True)
     return BACKENDS[name](model, max_length)
 
