@@ -278,8 +278,30 @@ def compile_megatron(fn, **compile_kwargs):
     ignore = ("ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions")
               else "ignore_logger_methods")  # the older name (torch < 2.12)
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    _json_safe_dynamo_config_logging()
     return dynamo_config.patch({ignore: {warnings.warn}, limit: 64})(
         torch.compile(fn, **compile_kwargs))
+
+
+def _json_safe_dynamo_config_logging() -> None:
+    """Some torch releases (2.11 measured) serialise dynamo's config into their compile metrics
+    without leaving out ``ignore_logging_functions``, and log a JSON TypeError traceback for
+    every compilation once it holds ``warnings.warn``. Their metrics then go without the config
+    instead (idempotent; a torch without that function is left alone)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    original = getattr(dynamo_utils, "_get_dynamo_config_for_logging", None)
+    if original is None or getattr(original, "_megatron_patch_json_safe", False):
+        return
+
+    def config_for_logging():
+        try:
+            return original()
+        except TypeError:  # a callable in the config: not JSON
+            return None
+
+    config_for_logging._megatron_patch_json_safe = True
+    dynamo_utils._get_dynamo_config_for_logging = config_for_logging
 
 
 def fix_megatron_core() -> None:

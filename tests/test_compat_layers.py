@@ -105,3 +105,23 @@ def test_cpu_mode_builds_cuda_requests_on_the_cpu(parallel):
     with torch.device("meta"):  # a mode stacked on top of CPU mode keeps working
         assert torch.empty(3).device.type == "meta"
 
+
+
+def test_compile_megatron_keeps_dynamo_metrics_logging_json_safe(monkeypatch):
+    """torch 2.11 (measured on the GPU machine) logs a JSON TypeError traceback per compilation
+    once dynamo's config holds warnings.warn; after compile_megatron the metrics go without the
+    config instead, and a config that serialises is still returned."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from megatron_patch import compat
+
+    def not_json():
+        raise TypeError("Object of type builtin_function_or_method is not JSON serializable")
+
+    monkeypatch.setattr(dynamo_utils, "_get_dynamo_config_for_logging", not_json)
+    compiled = compat.compile_megatron(lambda x: x * 2)
+    assert dynamo_utils._get_dynamo_config_for_logging() is None
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    monkeypatch.setattr(dynamo_utils, "_get_dynamo_config_for_logging", lambda: '{"a": 1}')
+    compat.compile_megatron(lambda x: x)
+    assert dynamo_utils._get_dynamo_config_for_logging() == '{"a": 1}'
