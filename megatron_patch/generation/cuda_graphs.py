@@ -16,7 +16,8 @@ captured.
 Measured on one H200 (toolkits/benchmarks/bench_generation.py, ~1B Llama, bf16, 2026-11-28):
 graph 513 / 7,215 decode tokens/s at batch 1 / 16; compiled 963 / 13,474; compiled with the
 Triton decode kernels (decode_kernels.py) 1,123 at batch 1, 51% of the memory-bandwidth bound
-(at batch 16 they measured 13,097, slower: they apply at batch 1 only). Greedy decoding runs the argmax inside the graph too (:meth:`step_greedy`).
+(at batch 16 they measured 13,097, slower: they apply at batch 1 only). Greedy decoding runs
+the argmax inside the graph too (:meth:`step_greedy`).
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ class GraphBackend(StaticBackend):
         and that argmax written as the next step's input. ``tokens`` returned by the previous
         call are already in place; others (the first step) are copied in."""
         self._check_room(self.next_slot + 1)
-        graph, chosen = (self.graphs.get((self.window(), vocab_size))
-                         or self._capture(self.window(), vocab_size))
+        window = self.window()
+        graph, chosen = (self.graphs.get((window, vocab_size))
+                         or self._capture(window, vocab_size))
         if tokens is not chosen:
             self.state.tokens.copy_(tokens[:, None])
         graph.replay()

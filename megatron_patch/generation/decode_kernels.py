@@ -17,13 +17,11 @@ import torch
 from megatron_patch import kernels
 
 CHOICES = ("auto", "on", "off")
-# Decode steps of at most this many rows take the kernel path. Measured on an H200 (~1B Llama,
-# bench_generation.py): at batch 1 the kernels raise decode from 963 to 1,123 tokens/s; at
-# batch 16 the attention kernel lowered it from 13,474 to 13,097 (the matrix-vector kernel
-# already stops at gemv.MAX_ROWS = 1 row).
+# Decode steps of at most this many rows take the kernel path. Measured on an H200 (~1B Llama):
+# at batch 1 the kernels raise decode from 963 to 1,123 tokens/s (bench_generation.py); at batch
+# 16 the attention kernel lowered it from 13,474 to 13,097, and the matrix-vector kernel loses
+# to cuBLAS on three of the five layer shapes already at 2 rows (bench_kernels.py --sweep).
 MAX_BATCH = 1
-
-
 MAX_HEAD_DIM = 256  # the attention kernel holds a [BLOCK_S, head dim] fp32 tile per operand
 
 
@@ -77,11 +75,10 @@ def install(model, holder) -> None:
 
 def _linear_impl(fallback, holder):
     """megatron-core's ``_forward_impl(input, weight, bias, ...)`` with a matrix-vector path."""
-    from megatron_patch.kernels.gemv import MAX_ROWS
 
     def forward_impl(input, weight, bias=None, *args, **kwargs):
         rows = input.numel() // input.size(-1)
-        if (holder.active and holder.kernels and rows <= min(MAX_ROWS, MAX_BATCH)
+        if (holder.active and holder.kernels and rows <= MAX_BATCH
                 and not kwargs.get("sequence_parallel")):
             out = torch.ops.megatron_patch.gemv(input.reshape(rows, input.size(-1)), weight)
             out = out.view(*input.shape[:-1], weight.size(0))

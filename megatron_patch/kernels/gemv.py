@@ -19,10 +19,6 @@ import triton.language as tl
 
 from megatron_patch.kernels import interpreting
 
-# Up to this many rows of x the kernel beats cuBLAS: measured on an H200 (bench_kernels.py
-# --sweep), at 2 rows it loses on three of the five layer shapes of a ~1B Llama, at 4 on all.
-MAX_ROWS = 1
-
 
 def choose_config(rows: int, outputs: int, inner: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps). 2 x 1024 tiles with 4 warps were the fastest at one row
@@ -66,7 +62,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config=None
 
 @torch.library.custom_op("megatron_patch::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` [M, K] @ ``weight`` [N, K].T -> [M, N] in ``x``'s dtype (M small: see MAX_ROWS)."""
+    """``x`` [M, K] @ ``weight`` [N, K].T -> [M, N] in ``x``'s dtype (M small: it reads W
+    once per row; generation/decode_kernels.py uses it for one row)."""
     if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1):
         raise ValueError(f"gemv: x [M, K] and weight [N, K] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
