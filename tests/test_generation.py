@@ -432,12 +432,25 @@ def test_put_megatron_first(tmp_path):
 # --------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
-    """In this process (a subprocess would spend most of its time importing)."""
+def load_bench_generation():
+    """The benchmark script as a module, in this process (a subprocess would spend most of its
+    time importing)."""
     path = os.path.join(REPO, "toolkits", "benchmarks", "bench_generation.py")
     spec = importlib.util.spec_from_file_location("bench_generation", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_refuses_an_unknown_stack_label(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_bench_generation().parse_args(["--tiny", "--stacks", "ours: graph"])
+    assert exit_info.value.code == 2
+    assert "--stacks ['ours: graph']: not a stack label" in capsys.readouterr().err
+
+
+def test_benchmark_runs_tiny_on_cpu(tmp_path, capsys):
+    bench = load_bench_generation()
     assert bench.main(["--tiny", "--output", str(tmp_path / "bench.json")]) == 0
     assert "| ours: mcore (StaticInferenceContext) | 2 |" in capsys.readouterr().out
     results = json.load(open(tmp_path / "bench.json"))

@@ -319,6 +319,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="GPU: the kernels of one decode step of the CUDA-graph stacks")
     opts = parser.parse_args(argv)
+    unknown = [label for label in opts.stacks or () if label not in ORDER]
+    if unknown:
+        parser.error(f"--stacks {unknown}: not a stack label; the labels are {list(ORDER)}")
     if opts.output and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output))):
         parser.error(f"--output {opts.output}: its directory does not exist")
     return opts
