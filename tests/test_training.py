@@ -201,6 +201,8 @@ def test_sft_loss_covers_responses_only(work, tmp_path):
     (["--global-batch-size", "3"], "--global-batch-size 3 is not a multiple"),
     (["--tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size 3"),
     (["--lr-warmup-iters", "6"], "warm-up (6 iterations, from --lr-warmup-iters/--warmup-tokens)"),
+    (["--log-interval", "0"], "argument --log-interval: must be a positive integer, got 0"),
+    (["--micro-batch-size", "0"], "argument --micro-batch-size: must be a positive integer"),
 ])
 def test_bad_flags_fail_with_a_clear_message(work, tmp_path, extra, message):
     proc = run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, tmp_path / "m"),

@@ -6,18 +6,12 @@ from __future__ import annotations
 import argparse
 
 from megatron_patch import compat
+from megatron_patch.argtypes import positive_int
 from megatron_patch.generation import decode_kernels
 from megatron_patch.generation.engine import BACKENDS, backend_name
 from megatron_patch.generation.sampling import SamplingParams
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,16 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="> 1 lowers tokens already present; 1 = off")
     sampling.add_argument("--seed", type=int, default=1234, help="for reproducible sampling")
     lengths = parser.add_argument_group("lengths and batching")
-    lengths.add_argument("--max-new-tokens", "--out-seq-length", type=_positive, default=128)
-    lengths.add_argument("--seq-length", type=_positive,
+    lengths.add_argument("--max-new-tokens", "--out-seq-length", type=positive_int, default=128)
+    lengths.add_argument("--seq-length", type=positive_int,
                          help="prompt + new tokens (default: max_position_embeddings)")
-    lengths.add_argument("--max-prompt-length", type=_positive,
+    lengths.add_argument("--max-prompt-length", type=positive_int,
                          help="longer prompts lose tokens on the left (default: seq-length - "
                               "max-new-tokens)")
-    lengths.add_argument("--micro-batch-size", type=_positive, default=1)
+    lengths.add_argument("--micro-batch-size", type=positive_int, default=1)
     model = parser.add_argument_group("model")
-    model.add_argument("--tensor-model-parallel-size", type=_positive, default=1)
-    model.add_argument("--pipeline-model-parallel-size", type=_positive, default=1,
+    model.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    model.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1,
                        help="only 1: generation runs the whole model on each rank")
     model.add_argument("--bf16", action="store_true")
     model.add_argument("--fp16", action="store_true")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from megatron_patch.argtypes import positive_int
+
 
 def _model(parser):
     g = parser.add_argument_group("model")
@@ -40,8 +42,8 @@ def _tokenizer(parser):
 
 def _parallel(parser):
     g = parser.add_argument_group("parallelism and precision")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (ZeRO-1)")
@@ -61,11 +63,11 @@ def _parallel(parser):
 
 def _training(parser):
     g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, required=True)
-    g.add_argument("--global-batch-size", type=int,
+    g.add_argument("--micro-batch-size", type=positive_int, required=True)
+    g.add_argument("--global-batch-size", type=positive_int,
                    help="default: micro-batch-size x data-parallel size (no accumulation)")
-    g.add_argument("--seq-length", type=int, required=True)
-    g.add_argument("--train-iters", type=int)
+    g.add_argument("--seq-length", type=positive_int, required=True)
+    g.add_argument("--train-iters", type=positive_int)
     g.add_argument("--train-tokens", type=int, help="the seed's TRAIN_TOKENS: sets --train-iters "
                                                     "to tokens / (global batch x seq length)")
     g.add_argument("--warmup-tokens", type=int, help="the seed's WARMUP_TOKENS: sets "
@@ -115,7 +117,7 @@ def _logging(parser):
     g = parser.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=positive_int, default=10)
     g.add_argument("--metrics-file", help="append one JSON object per iteration here")
     g.add_argument("--tensorboard-dir")
 

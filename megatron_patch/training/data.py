@@ -80,7 +80,8 @@ def build_pretrain_datasets(args, tokenizer, vocab_size: int):
 
     tokenizer = tokenizer or VocabOnlyTokenizer(vocab_size)
     gbs = args.global_batch_size
-    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_iters else 0
+    evaluating = args.eval_iters and args.eval_interval  # 0 turns either off (as the loop does)
+    evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if evaluating else 0
     sizes = [args.train_iters * gbs, evals * gbs, 0]  # no test-set evaluation
     blend = None
     if not args.mock_data:

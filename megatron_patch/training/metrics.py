@@ -45,8 +45,6 @@ class TrainingLogger:
         self.flops = flops_per_iteration(model_args, args.global_batch_size, args.seq_length,
                                          padded_vocab)
         self.window: list[dict] = []
-        self.start = time.time()
-        self.start_iteration = None
         self.metrics = open(args.metrics_file, "a") if reporting and args.metrics_file else None
         self.tensorboard = self._tensorboard() if reporting and args.tensorboard_dir else None
 
@@ -61,9 +59,9 @@ class TrainingLogger:
 
     def record(self, iteration: int, seconds: float, loss: float, lr: float, grad_norm,
                loss_scale: float, skipped: bool, consumed_samples: int) -> None:
-        """One finished iteration."""
-        if self.start_iteration is None:
-            self.start_iteration = iteration - 1
+        """One finished iteration (only the reporting rank keeps and writes anything)."""
+        if not self.reporting:
+            return
         tokens = self.args.global_batch_size * self.args.seq_length
         entry = {"iteration": iteration, "lm_loss": loss, "lr": lr,
                  "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -74,8 +72,6 @@ class TrainingLogger:
                  "tflops_per_gpu": self.flops / seconds / self.world_size / 1e12,
                  "memory_gib": _memory_gib()}
         self.window.append(entry)
-        if not self.reporting:
-            return
         if self.metrics:
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
