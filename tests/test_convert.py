@@ -2,6 +2,7 @@
 and clear errors. Tiny random Llamas are built here; nothing is downloaded."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -185,6 +186,7 @@ def test_unknown_family_and_mismatched_family(hf_model, tmp_path, capsys):
     ("--target-tensor-model-parallel-size", "3", "does not divide the 4 attention heads"),
     ("--target-tensor-model-parallel-size", "4", "does not divide the 2 query groups"),
     ("--target-pipeline-model-parallel-size", "3", "does not divide the 2 layers"),
+    ("--target-tensor-model-parallel-size", "0", "must be at least 1, got 0"),
 ])
 def test_layouts_that_do_not_divide_are_refused(tmp_path, capsys, flag, value, message):
     hf_dir = save_tiny_llama(str(tmp_path / "hf"), num_key_value_heads=2)
@@ -213,6 +215,42 @@ def test_an_unmapped_hf_tensor_is_an_error(tmp_path, capsys):
     save_file(tensors, str(hf_dir / "model.safetensors"))
     err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out")])
     assert "not covered by the weight mapping" in err and "rotary.extra" in err
+
+
+def test_malformed_files_are_errors_that_name_them(hf_model, tmp_path, capsys):
+    _, hf_dir = hf_model
+    mg = str(tmp_path / "mg")
+    assert convert_main(["--load", hf_dir, "--save", mg, "--no-progress"]) == 0
+    (tmp_path / "file").write_text("x")
+    err = _error(capsys, ["--load", hf_dir, "--save", str(tmp_path / "file")])
+    assert "output '" in err and "exists and is not a directory" in err
+    tracker = os.path.join(mg, "latest_checkpointed_iteration.txt")
+    with open(tracker, "w") as handle:
+        handle.write("garbage\n")
+    err = _error(capsys, ["--load", mg, "--save", str(tmp_path / "back"), "--megatron-to-hf"])
+    assert "latest_checkpointed_iteration.txt: expected an iteration number" in err
+    with open(tracker, "w") as handle:
+        handle.write("release\n")
+    with open(os.path.join(mg, "megatron_patch.json"), "w") as handle:
+        handle.write("{not json")
+    err = _error(capsys, ["--load", mg, "--save", str(tmp_path / "back"), "--megatron-to-hf"])
+    assert "megatron_patch.json: invalid JSON" in err
+    shutil.copytree(hf_dir, tmp_path / "hf_index")
+    os.rename(tmp_path / "hf_index" / "model.safetensors", tmp_path / "hf_index" / "x.bin")
+    (tmp_path / "hf_index" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    err = _error(capsys, ["--load", str(tmp_path / "hf_index"), "--save", str(tmp_path / "o")])
+    assert "model.safetensors.index.json: no 'weight_map' object" in err
+    assert not any(os.path.exists(tmp_path / name) for name in ("back", "o"))
+
+
+def test_llama3_rope_scaling_needs_a_factor(tmp_path):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="llama3 rope scaling without 'factor'"):
+        to_megatron(hf_dir, tmp_path / "mg")
 
 
 def test_existing_output_needs_overwrite(hf_model, tmp_path, capsys):

@@ -8,7 +8,7 @@ import shutil
 
 import torch
 
-from megatron_patch.convert.io_utils import CheckpointError, require_dir
+from megatron_patch.convert.io_utils import CheckpointError, read_json, require_dir
 
 # Files that travel with the weights (tokenizer, generation defaults); never the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -24,11 +24,7 @@ def read_hf_config(path: str) -> dict:
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{path}: no config.json; an HF checkpoint directory holds "
                               f"config.json and *.safetensors")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON ({err})") from err
+    return read_json(config_path)
 
 
 class HFReader:
@@ -47,8 +43,9 @@ class HFReader:
                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index_path = os.path.join(self.path, index_name)
             if os.path.isfile(index_path):
-                with open(index_path, encoding="utf-8") as handle:
-                    weight_map = json.load(handle)["weight_map"]
+                weight_map = read_json(index_path).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index_path}: no 'weight_map' object")
                 return {k: os.path.join(self.path, v) for k, v in weight_map.items()}
             single_path = os.path.join(self.path, single)
             if os.path.isfile(single_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 
@@ -20,11 +21,22 @@ def require_dir(path: str, what: str) -> None:
         raise CheckpointError(f"{what} '{path}' is empty")
 
 
+def read_json(path: str):
+    """A JSON file's content; a malformed file is a CheckpointError that names it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False):
     """Yield a temporary sibling of ``path``; on success it is renamed to ``path``, on failure
     removed, so ``path`` is never left half-written."""
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"output '{path}' exists and is not a directory")
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise CheckpointError(f"output '{path}' exists and is not empty; remove it or pass "
                               f"--overwrite")

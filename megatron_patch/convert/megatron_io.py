@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from megatron_patch.convert.io_utils import CheckpointError, require_dir
+from megatron_patch.convert.io_utils import CheckpointError, read_json, require_dir
 from megatron_patch.convert.sharding import merge_tensors
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -66,8 +66,7 @@ def read_metadata(root: str) -> dict | None:
     path = os.path.join(root, METADATA)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_json(path)
 
 
 def write_tracker(root: str, iteration) -> None:
@@ -98,6 +97,9 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     if os.path.isfile(os.path.join(path, TRACKER)):
         with open(os.path.join(path, TRACKER)) as handle:
             iteration = handle.read().strip()
+        if iteration != "release" and not iteration.isdigit():
+            raise CheckpointError(f"{path}/{TRACKER}: expected an iteration number or 'release', "
+                                  f"got {iteration[:40]!r}")
         iter_dir = os.path.join(path, iteration_dir_name(iteration if iteration == "release"
                                                           else int(iteration)))
         if not os.path.isdir(iter_dir):

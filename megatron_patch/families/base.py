@@ -45,6 +45,8 @@ class ModelArgs:
         are ``--target-...``)."""
         tp_flag = f"{flag_prefix}tensor-model-parallel-size"
         pp_flag = f"{flag_prefix}pipeline-model-parallel-size"
+        if tensor_parallel < 1:
+            raise ValueError(f"{tp_flag} must be at least 1, got {tensor_parallel}")
         for what, count in (("attention heads", self.num_attention_heads),
                             ("query groups (num_key_value_heads)", self.num_query_groups)):
             if count % tensor_parallel:

@@ -26,6 +26,8 @@ def read_rope(hf_config: dict, path: str) -> dict:
         if float(scaling.get(key, expected)) != float(expected):
             raise ValueError(f"{path}: llama3 rope scaling with {key}={scaling[key]} is not "
                              f"supported (megatron-core fixes it to {expected})")
+    if "factor" not in scaling:
+        raise ValueError(f"{path}: llama3 rope scaling without 'factor'")
     return {"rotary_base": float(theta), "rope_scaling_factor": float(scaling["factor"])}
 
 
