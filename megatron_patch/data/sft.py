@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -159,9 +160,15 @@ def _bos(tokenizer) -> list[Piece]:
     (LLaMA's does); a tokenizer that never adds BOS (so neither did the pretraining data)
     gets none."""
     bos = getattr(tokenizer, "bos", None)
-    if bos is None or list(tokenizer.tokenize("a"))[:1] != [bos]:
+    if bos is None:
         return []
-    return [([bos], False)]
+    starts = _STARTS_WITH_BOS.get(tokenizer)
+    if starts is None:  # probed once per tokenizer, not once per record
+        starts = _STARTS_WITH_BOS[tokenizer] = list(tokenizer.tokenize("a"))[:1] == [bos]
+    return [([bos], False)] if starts else []
+
+
+_STARTS_WITH_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _render(hf_tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
