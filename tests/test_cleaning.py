@@ -200,3 +200,12 @@ def test_a_run_that_stops_partway_leaves_no_output(tmp_path, monkeypatch):
     left = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / "out")
             for name in names]
     assert left == [] and not (tmp_path / "out.summary.json").exists()
+
+
+def test_a_summary_path_that_is_a_directory_stops_before_any_work(tmp_path):
+    make_corpus(tmp_path / "in")
+    (tmp_path / "sums").mkdir()
+    with pytest.raises(CleanError, match="--summary .*sums is a directory"):
+        clean_corpus(str(tmp_path / "in"), str(tmp_path / "out"),
+                     summary_path=str(tmp_path / "sums"))
+    assert os.listdir(tmp_path / "out") == [] and os.listdir(tmp_path / "sums") == []

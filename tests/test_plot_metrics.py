@@ -73,3 +73,11 @@ def test_run_labels_keep_what_differs():
     assert title == "dsw-pretrain-llama-tiny-lr-1e-*-tp-1" and labels == ["1e-3", "1e-4"]
     assert run_labels(["a/x.jsonl", "b/x.jsonl"]) == ("", ["a/x.jsonl", "b/x.jsonl"])
     assert run_labels(["out/run.jsonl"]) == ("run", [""])
+
+
+def test_an_output_that_cannot_be_written_is_named(tmp_path):
+    """/proc refuses new files even to root: the write fails in draw, after the checks."""
+    metrics = write_metrics(tmp_path / "run.jsonl")
+    proc = run_python([PLOT, metrics, "-o", "/proc/curves.png"], check=False)
+    assert proc.returncode == 2 and "error: --output /proc/curves.png:" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -187,6 +187,21 @@ def test_truncated_compressed_input(tmp_path, tokenizer_dir, docs, capsys, suffi
     _assert_failed(tmp_path, capsys, status, f"{source}: corrupt or truncated input after line")
 
 
+def test_unreadable_input_is_named(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """Running as root, permissions cannot be taken away: opening the file fails instead."""
+    from megatron_patch.data import readers
+
+    source = tmp_path / "locked.jsonl"
+    source.write_text(json.dumps({"text": "a b c"}) + "\n")
+
+    def refuse(path, mode="r", *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(readers, "open", refuse, raising=False)
+    status = run([str(source)], tmp_path / "out" / "p", tokenizer_dir, "--workers", "1")
+    _assert_failed(tmp_path, capsys, status, f"{source}: cannot read (Permission denied)")
+
+
 def test_empty_and_missing_inputs(tmp_path, tokenizer_dir, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

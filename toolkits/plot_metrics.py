@@ -130,6 +130,8 @@ def check_output(path: str) -> None:
         raise MetricsError(f"--output {path}: is a directory (give a .png file name)")
     if not os.path.isdir(directory):
         raise MetricsError(f"--output {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise MetricsError(f"--output {path}: directory {directory} is not writable")
 
 
 def main(argv=None) -> int:
@@ -151,6 +153,9 @@ def main(argv=None) -> int:
         print("error: plot_metrics.py needs matplotlib: pip install matplotlib "
               "(or pip install -e '.[plot]')", file=sys.stderr)
         return 1
+    except OSError as err:  # e.g. a full disk; draw leaves no partial PNG behind
+        print(f"error: --output {args.output}: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}: {len(runs)} run(s), "
           f"{sum(len(s.get('lm_loss', [])) for _, s in runs)} training iterations")
     return 0

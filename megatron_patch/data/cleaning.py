@@ -385,6 +385,9 @@ def clean_corpus(input_path: str, output_dir: str, config: CleanConfig = CleanCo
     files = find_input_files(input_path, output_dir)
     targets = output_paths(files, input_path, output_dir)
     check_writable(output_dir)
+    summary_path = summary_path or os.path.abspath(output_dir) + ".summary.json"
+    if os.path.isdir(summary_path):
+        raise CleanError(f"--summary {summary_path} is a directory; give a file path")
     consumer = _Consumer(files, targets, config, max_reported, log_interval)
     tasks = iter_tasks(files, config, chunk_size)
     try:
@@ -392,16 +395,16 @@ def clean_corpus(input_path: str, output_dir: str, config: CleanConfig = CleanCo
             for (file_index, _, _), outcomes in ordered_map(pool, clean_chunk, tasks,
                                                             2 * processes):
                 consumer.consume(file_index, outcomes)
+        consumer.finish_file()
+        consumer.log_progress(force=True)
+        # Inside the try: outputs without their summary would look like a finished run.
+        consumer.out = _AtomicFile(summary_path)
+        consumer.out.handle.write(json.dumps(asdict(consumer.summary), indent=2,
+                                             ensure_ascii=False).encode("utf-8") + b"\n")
+        consumer.finish_file()
     except BaseException:
         consumer.abort()
         raise
-    consumer.finish_file()
-    consumer.log_progress(force=True)
-    summary_path = summary_path or os.path.abspath(output_dir) + ".summary.json"
-    summary_file = _AtomicFile(summary_path)
-    summary_file.handle.write(json.dumps(asdict(consumer.summary), indent=2,
-                                         ensure_ascii=False).encode("utf-8") + b"\n")
-    summary_file.commit()
     return consumer.summary
 
 

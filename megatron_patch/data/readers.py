@@ -88,7 +88,11 @@ def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20) -> Iterator[Ch
     done = 0
     for path in paths:
         line = 1
-        with open(path, "rb") as raw:
+        try:
+            raw = open(path, "rb")
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
+        with raw:
             try:
                 for data in _line_blocks(raw, chunk_bytes):
                     yield Chunk(path, line, data, done + raw.tell())
