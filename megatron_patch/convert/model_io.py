@@ -7,7 +7,7 @@ import torch
 
 from megatron_patch.convert.engine import megatron_full_fetcher, open_megatron, stage_bindings
 from megatron_patch.convert.io_utils import CheckpointError
-from megatron_patch.convert.sharding import split_tensor
+from megatron_patch.convert.sharding import shard_tensor
 from megatron_patch.tokenizers.vocab import padded_vocab_size
 
 
@@ -30,7 +30,7 @@ def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int,
     for binding in stage_bindings(family, args, pp, pp_rank):
         if binding.megatron_local not in state:
             raise CheckpointError(f"{load}: model has no parameter '{binding.megatron_local}'")
-        piece = split_tensor(fetch(binding), binding.row.tp, tp)[tp_rank]
+        piece = shard_tensor(fetch(binding), binding.row.tp, tp, tp_rank)
         target = state[binding.megatron_local]
         if target.shape != piece.shape:
             raise CheckpointError(f"{load}: '{binding.megatron_local}' has shape "

@@ -23,15 +23,21 @@ ROW = Split(dim=1)
 
 def split_tensor(tensor: torch.Tensor, split: Split | None, tp: int) -> list[torch.Tensor]:
     """Full tensor -> one contiguous piece per tensor-parallel rank."""
+    return [shard_tensor(tensor, split, tp, rank) for rank in range(tp)]
+
+
+def shard_tensor(tensor: torch.Tensor, split: Split | None, tp: int, rank: int) -> torch.Tensor:
+    """Tensor-parallel rank ``rank``'s piece of :func:`split_tensor`, without building the
+    others."""
     if split is None:
-        return [tensor] * tp
-    blocks = torch.chunk(tensor, split.parts, dim=split.dim)
+        return tensor
     size = tensor.shape[split.dim] // split.parts
     if size % tp:
         raise ValueError(f"dimension {split.dim} of size {size} does not divide into {tp} "
                          f"tensor-parallel ranks")
-    pieces = [torch.chunk(block, tp, dim=split.dim) for block in blocks]
-    return [torch.cat([p[rank] for p in pieces], dim=split.dim).contiguous() for rank in range(tp)]
+    blocks = torch.chunk(tensor, split.parts, dim=split.dim)
+    return torch.cat([torch.chunk(block, tp, dim=split.dim)[rank] for block in blocks],
+                     dim=split.dim).contiguous()
 
 
 def merge_tensors(pieces: list[torch.Tensor], split: Split | None) -> torch.Tensor:
