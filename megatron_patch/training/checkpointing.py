@@ -156,6 +156,20 @@ def resume_state(args):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@torch.no_grad()
+def load_resume_weights(args, model, payload) -> None:
+    """This rank's weights from its resume payload (:func:`resume_state` checked the layout):
+    the saved tensors themselves, padded vocabulary rows included."""
+    try:
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as err:  # a shape that differs from the model built by the flags
+        raise ValueError(f"--load {args.load}: {err}") from err
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"--load {args.load}: this rank's file does not match the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 @torch.no_grad()  # fp32 main params of the distributed optimizer are views of the weights
 def _load_optimizer(args, payload, optimizer) -> None:
     optimizer.load_state_dict(payload["optimizer"])

@@ -47,11 +47,15 @@ def setup(args, data):
         raise ValueError("give --train-iters or --train-tokens (or --epochs for finetune)")
     _banner(args, plan, dist.get_rank())
     chunks, model = model_setup.build_model(args, plan)
-    if args.load:
+    # Resuming reads this rank's own file once, weights included; a converted checkpoint or
+    # --finetune goes through the layout-independent loader.
+    payload = checkpointing.resume_state(args) if args.load else None
+    if payload is not None:
+        checkpointing.load_resume_weights(args, model, payload)
+    elif args.load:
         checkpointing.load_weights(args, model)
     optimizer, scheduler = model_setup.build_optimizer(args, chunks)
     state = {"iteration": 0, "consumed_train_samples": 0}
-    payload = checkpointing.resume_state(args) if args.load else None
     if payload is not None:
         state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))
     configure_model(chunks, optimizer)
