@@ -35,7 +35,6 @@ class HFReader:
         self.config = read_hf_config(path)
         self._handles = {}
         self._where = self._index()  # tensor name -> file
-        self.consumed: set[str] = set()
         self.reads: dict[str, int] = {}  # how often each tensor was read
 
     def _index(self) -> dict[str, str]:
@@ -67,9 +66,6 @@ class HFReader:
                                                  weights_only=True)
         return self._handles[file]
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def has(self, name: str) -> bool:
         return name in self._where
 
@@ -79,12 +75,11 @@ class HFReader:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
         handle = self._open(self._where[name])
         tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
-        self.consumed.add(name)
         self.reads[name] = self.reads.get(name, 0) + 1
         return tensor
 
     def unconsumed(self) -> list[str]:
-        return sorted(set(self._where) - self.consumed)
+        return sorted(self._where.keys() - self.reads.keys())
 
     def dtype(self) -> torch.dtype:
         """The dtype the checkpoint stores its floating-point weights in."""

@@ -59,6 +59,9 @@ class ModelArgs:
                              f"{self.num_layers} layers")
 
 
+# The fields that tell one row of a family's sizes table from another.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+
 _REQUIRED = object()
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from megatron_patch import compat
 from megatron_patch.convert.io_utils import CheckpointError
+from megatron_patch.families.base import SHAPE_FIELDS
 
 
 @dataclass
@@ -87,9 +88,6 @@ def load_model(checkpoint: Checkpoint, tensor_parallel: int, precision: str = "f
     load_model_weights(model, checkpoint.path, ps.get_tensor_model_parallel_rank(),
                        tensor_parallel, 0, 1, (checkpoint.reader, family, args, meta))
     return model.to(compat.device()).eval()
-
-
-SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
 
 
 def size_mismatch(checkpoint: Checkpoint, model_size: str | None) -> str | None:

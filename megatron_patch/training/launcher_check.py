@@ -22,6 +22,8 @@ import shlex
 import sys
 from typing import Callable
 
+from megatron_patch.families.base import SHAPE_FIELDS
+
 PRETRAIN_ARGS = ("ENV", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "MODEL_SIZE", "BATCH_SIZE",
                  "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "EXTRA_VOCAB_SIZE", "PR", "TP",
                  "PP", "AC", "DO", "FL", "SP", "SAVE_INTERVAL", "DATASET_PATH",
@@ -208,9 +210,8 @@ def _note_shape_mismatch(family, size: str, checkpoint: str) -> None:
     except ValueError as err:
         raise LauncherError(f"PRETRAIN_CHECKPOINT_PATH: {err} (convert an HF checkpoint with "
                             f"model_convertor_huggingface_megatron.sh first)") from err
-    shape = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
-    have = {key: meta.get("model_args", {}).get(key) for key in shape}
-    row = {key: family.sizes[size].get(key) for key in shape}
+    have = {key: meta.get("model_args", {}).get(key) for key in SHAPE_FIELDS}
+    row = {key: family.sizes[size].get(key) for key in SHAPE_FIELDS}
     if meta and have != row:
         print(f"note: PRETRAIN_CHECKPOINT_PATH has the shape {have}, not MODEL_SIZE {size}'s "
               f"{row}; the checkpoint's shape is trained", file=sys.stderr)
