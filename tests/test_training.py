@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import run_python, run_torchrun, save_tiny_llama, train_tiny_tokenizer
+from helpers import REPO, run_python, run_torchrun, save_tiny_llama, train_tiny_tokenizer
 from megatron_patch.convert import engine
 
 ITERS = 6
@@ -203,6 +203,9 @@ def test_sft_loss_covers_responses_only(work, tmp_path):
     (["--lr-warmup-iters", "6"], "warm-up (6 iterations, from --lr-warmup-iters/--warmup-tokens)"),
     (["--log-interval", "0"], "argument --log-interval: must be a positive integer, got 0"),
     (["--micro-batch-size", "0"], "argument --micro-batch-size: must be a positive integer"),
+    (["--save", "/proc/ckpt"], "--save /proc/ckpt: cannot create it"),
+    (["--load", os.path.join(REPO, "examples")], "--load: " + os.path.join(REPO, "examples")
+     + ": not a Megatron checkpoint"),
 ])
 def test_bad_flags_fail_with_a_clear_message(work, tmp_path, extra, message):
     proc = run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, tmp_path / "m"),

@@ -191,5 +191,4 @@ def restore_training_state(args, payload, optimizer, scheduler) -> dict:
     if not args.no_load_rng and len(rngs) == ps.get_data_parallel_world_size():
         set_rng_state(rngs[ps.get_data_parallel_rank()])
     return {"iteration": payload["iteration"],
-            "consumed_train_samples": payload.get("consumed_train_samples", 0),
-            "floating_point_operations_so_far": payload.get("floating_point_operations_so_far", 0)}
+            "consumed_train_samples": payload.get("consumed_train_samples", 0)}

@@ -10,6 +10,7 @@ import torch
 
 from megatron_patch import compat
 from megatron_patch.convert import megatron_io as mio
+from megatron_patch.convert.io_utils import CheckpointError
 from megatron_patch.convert.engine import TOKENIZER_DIR, Target, build_metadata
 from megatron_patch.families.model import PRECISION_DTYPES
 from megatron_patch.families.base import ModelArgs
@@ -38,8 +39,11 @@ def _source_metadata(load: str | None) -> tuple[dict | None, str | None]:
         if load:
             raise FileNotFoundError(f"--load '{load}' does not exist")
         return None, None
-    root, _ = mio.resolve_checkpoint(load)
-    return mio.read_metadata(root), root
+    try:
+        root, _ = mio.resolve_checkpoint(load)
+        return mio.read_metadata(root), root
+    except CheckpointError as err:
+        raise CheckpointError(f"--load: {err}") from err
 
 
 def _model_args(args, meta) -> tuple[object, ModelArgs]:

@@ -3,6 +3,7 @@ parallelism, plan and build the model, load, train, save. The two entry points d
 their data (``data_provider``)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -32,11 +33,24 @@ def _banner(args, plan, rank: int) -> None:
           f"(none is required)", flush=True)
 
 
+def _check_save_dir(save: str | None) -> None:
+    """Before any work: a --save that cannot be written would fail at the first checkpoint."""
+    if not save:
+        return
+    try:
+        os.makedirs(save, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--save {save}: cannot create it ({err.strerror or err})") from err
+    if not os.access(save, os.W_OK):
+        raise ValueError(f"--save {save}: not writable")
+
+
 def setup(args, data):
     """Parallel state, datasets, model, optimizer, and the loaded state. -> dict of pieces."""
     compat.initialize_parallel(args.tensor_model_parallel_size,
                                args.pipeline_model_parallel_size, args.seed)
     arguments.finalize(args, dist.get_world_size())
+    _check_save_dir(args.save)
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
     init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size,
