@@ -12,7 +12,7 @@ import os
 import sys
 
 from megatron_patch.convert import megatron_io as mio
-from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files
+from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
 from megatron_patch.convert.io_utils import CheckpointError, atomic_directory
 from megatron_patch.convert.mapping import Binding, bind_stage
 from megatron_patch.convert.ops import Dims
@@ -148,10 +148,11 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
                            target: Target = Target(), progress: bool = True,
                            overwrite: bool = False) -> dict:
     """HF checkpoint directory -> Megatron checkpoint at ``target``'s layout. Returns metadata."""
-    hf = HFReader(load)  # reads config.json, with errors that name it
-    family = resolve_hf_family(hf.config, load, family_name)
-    args = family.args_from_hf(hf.config, os.path.join(load, "config.json"))
+    hf_config = read_hf_config(load)  # the family and layout are checked before the weights
+    family = resolve_hf_family(hf_config, load, family_name)
+    args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
+    hf = HFReader(load)
     with atomic_directory(save, overwrite) as root:
         has_tokenizer = copy_side_files(load, os.path.join(root, TOKENIZER_DIR))
         meta = build_metadata(family, args, target, hf.config, has_tokenizer)
