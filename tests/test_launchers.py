@@ -1,16 +1,21 @@
 """The seed's training launchers (examples/llama/run_{pretrain,finetune}_megatron_llama.sh):
 argument checks (in process, through megatron_patch.training.launcher_check, and through bash for
-the usage message), and end-to-end CPU runs: pretraining from a converted checkpoint (TP 1), from
-random weights (TP 2, two processes), and fine-tuning."""
+the usage message and the PAI-DLC variables), and end-to-end CPU runs: pretraining from a
+converted checkpoint (TP 1), from random weights (TP 2, two processes), on two "nodes" of this
+machine (ENV=dlc) against one node, and fine-tuning."""
 import json
 import os
+import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import REPO, run_python, save_tiny_llama, train_tiny_tokenizer
+from helpers import (REPO, child_env, free_port, run_python, run_torchrun, save_tiny_llama,
+                     train_tiny_tokenizer)
 from megatron_patch.training import launcher_check
 from megatron_patch.training.launcher_check import LauncherError
 
@@ -66,12 +71,42 @@ def finetune_args(tiny, **changes):
     return [args[name] for name in launcher_check.FINETUNE_ARGS]
 
 
+def start(script, args, **env):
+    """Start a launcher on the CPU (no GPU visible), one thread per process, in its own process
+    group (so that a timeout ends torchrun and its workers too); no rendezvous variable of this
+    process leaks into it, only those in ``env``."""
+    full_env = child_env(dict(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
+                              OMP_NUM_THREADS="1", **env))
+    return subprocess.Popen(["bash", script, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=300):
+    """Wait for a started launcher -> CompletedProcess; on a timeout its whole group is killed."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def finish_all(procs, timeout=240):
+    """Wait for started launchers, together at most ``timeout`` seconds; none outlives this."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [finish(proc, max(deadline - time.monotonic(), 1)) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def launch(script, args, **env):
     """Run a launcher on the CPU (no GPU visible), one thread per process."""
-    full_env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
-                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env)
-    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=full_env,
-                          timeout=300, cwd=REPO)
+    return finish(start(script, args, **env))
 
 
 def metrics_rows(tiny, kind):
@@ -159,3 +194,90 @@ def test_finetune_epochs_set_the_iterations(tiny):
     rows = [row for row in metrics_rows(tiny, "finetune") if "lm_loss" in row]
     assert [row["iteration"] for row in rows] == list(range(1, 9))  # 2 epochs x 16 / 4
     assert rows[0]["consumed_samples"] == 4  # global batch = BATCH_SIZE x data-parallel size 1
+
+
+def dlc_env(port, rank, **changes):
+    """The PAI-DLC variables of node ``rank`` of a two-node run on this machine, one CPU process
+    per node."""
+    return dict(dict(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port), GPUS_PER_NODE="1"), **changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(WORLD_SIZE=None, MASTER_PORT=None), "not set: WORLD_SIZE MASTER_PORT"),
+    (dict(RANK=None), "not set: RANK"),
+    (dict(MASTER_ADDR=""), "not set: MASTER_ADDR"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE must be an integer from 1 to 100000, got 'two'"),
+    (dict(WORLD_SIZE="0"), "WORLD_SIZE must be an integer from 1 to 100000, got '0'"),
+    (dict(RANK="-1"), "RANK must be an integer from 0 to 100000, got '-1'"),
+    (dict(RANK="1.0"), "RANK must be an integer from 0 to 100000, got '1.0'"),
+    (dict(RANK="2"), "RANK (2, this node's rank) must be below WORLD_SIZE (2, the number of"),
+    (dict(MASTER_PORT="0"), "MASTER_PORT must be an integer from 1 to 65535, got '0'"),
+    (dict(MASTER_PORT="65536"), "MASTER_PORT must be an integer from 1 to 65535, got '65536'"),
+    (dict(GPUS_PER_NODE="0"), "GPUS_PER_NODE must be an integer from 1 to 1024, got '0'"),
+    (dict(GPUS_PER_NODE="eight"), "GPUS_PER_NODE must be an integer from 1 to 1024"),
+    (dict(GPUS_PER_NODE=None, KUBERNETES_CONTAINER_RESOURCE_GPU="x"),
+     "KUBERNETES_CONTAINER_RESOURCE_GPU must be an integer from 1 to 1024, got 'x'"),
+    (dict(RDZV_TIMEOUT="soon"), "RDZV_TIMEOUT must be an integer from 1 to 86400"),
+])
+def test_dlc_variables_are_checked_before_any_work(tiny, tmp_path, changes, message):
+    env = {name: value for name, value in dlc_env(free_port(), 1, **changes).items()
+           if value is not None}
+    out = tmp_path / "out"
+    proc = launch(PRETRAIN, pretrain_args(tiny, ENV="dlc", OUTPUT_BASEPATH=str(out)), **env)
+    assert proc.returncode == 2, proc.stderr
+    assert "usage: run_pretrain_megatron_llama.sh" in proc.stderr and message in proc.stderr
+    assert not out.exists()  # refused before launcher_check made the output directories
+
+
+def short_run_args(tiny, env, out):
+    """4 iterations of 4 x 32 tokens, micro-batch 1 (2 micro-batches per rank at DP 2)."""
+    return pretrain_args(tiny, ENV=env, BATCH_SIZE="1", GLOBAL_BATCH_SIZE="4",
+                         TRAIN_TOKENS=str(4 * 4 * 32), WARMUP_TOKENS="64", SAVE_INTERVAL="4",
+                         OUTPUT_BASEPATH=str(out))
+
+
+def losses(metrics_file):
+    with open(metrics_file) as handle:
+        rows = [json.loads(line) for line in handle]
+    return [(row["iteration"], row["lm_loss"]) for row in rows if "lm_loss" in row]
+
+
+def test_dlc_two_nodes_train_as_one_node_dp2(tiny):
+    # Two nodes of one process each, sharing OUTPUT_BASEPATH as nodes share NFS, and beside them
+    # one node of two processes (DP 2): the same trainer flags under a plain torchrun.
+    args, port = short_run_args(tiny, "dlc", tiny / "dlc"), free_port()
+    _, _, dp2_flags = launcher_check.plan("pretrain", "llama",
+                                          short_run_args(tiny, "dsw", tiny / "dp2"))
+    runs = [start(PRETRAIN, args, **dlc_env(port, rank)) for rank in (0, 1)]
+    runs.append(subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), "-m", "megatron_patch.pretrain", *dp2_flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=child_env(dict(CUDA_VISIBLE_DEVICES="")), start_new_session=True))
+    done = finish_all(runs)
+    for proc in done:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    paths = launcher_check.output_paths("pretrain", "llama",
+                                        launcher_check.parse_values("pretrain", args))
+    expected = losses(dp2_flags[dp2_flags.index("--metrics-file") + 1])
+    got = losses(paths["metrics"])  # written by the reporting (last) rank only, on node 1
+    print("one node DP2:", expected, "\ntwo nodes:   ", got)
+    assert [it for it, _ in got] == [1, 2, 3, 4] and got == expected
+    assert "TP 1 x PP 1 x DP 2" in done[0].stdout
+    # Each node tees its own log: node 0 log/NAME.log, node 1 log/NAME.node1.log.
+    logs = [pathlib.Path(path).read_text()
+            for path in (paths["log"], paths["log"][:-len(".log")] + ".node1.log")]
+    for rank, text in enumerate(logs):
+        assert text.count("[launcher]") == 1 and f"--node-rank {rank} " in text
+    assert "iteration        4/       4" in logs[1]  # the reporting rank is the last one
+    with open(os.path.join(paths["save"], "latest_checkpointed_iteration.txt")) as handle:
+        assert handle.read().strip() == "4"
+
+
+def test_dlc_node_that_never_comes_fails_the_rendezvous(tiny, tmp_path):
+    args = short_run_args(tiny, "dlc", tmp_path / "out")
+    proc = finish(start(PRETRAIN, args, **dlc_env(free_port(), 0, RDZV_TIMEOUT="1")),
+                  timeout=120)
+    assert proc.returncode != 0
+    assert "timed out" in (proc.stdout + proc.stderr).lower()

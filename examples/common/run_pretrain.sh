@@ -11,8 +11,10 @@ FAMILY=${1:-}
 
 # Help lines for the arguments both launchers share.
 HELP_SETUP="  ENV                       dsw (this machine: every visible GPU, or TP x PP CPU
-                            processes) or dlc (PAI-DLC multi-node: WORLD_SIZE RANK
-                            MASTER_ADDR MASTER_PORT GPUS_PER_NODE)
+                            processes) or dlc (PAI-DLC multi-node, the same command on every
+                            node: WORLD_SIZE nodes, RANK this node's rank, MASTER_ADDR and
+                            MASTER_PORT of node 0, GPUS_PER_NODE (default 8) processes each,
+                            RDZV_TIMEOUT seconds to wait for every node (default 600))
   MEGATRON_PATH             Megatron-LM checkout put first on PYTHONPATH (any other value, e.g.
                             none: the installed megatron-core)
   MEGATRON_PATCH_PATH       this repository (holds megatron_patch/), put on PYTHONPATH
@@ -23,16 +25,18 @@ HELP_PARALLEL="  PR                        fp16, bf16 or fp32         TP, PP  te
   DO, FL, SP                true|false: distributed optimizer (ZeRO-1), flash attention,
                             sequence parallelism"
 HELP_OUTPUT="  OUTPUT_BASEPATH           gets checkpoint/NAME, tensorboard/NAME, log/NAME.log and
-                            metrics/NAME.jsonl; a relaunch resumes from checkpoint/NAME
+                            metrics/NAME.jsonl; a relaunch resumes from checkpoint/NAME; dlc:
+                            shared by the nodes, node R > 0 logs to log/NAME.nodeR.log
   environment: PYTHON (default python3), EXTRA_TRAIN_ARGS (more trainer flags, appended)"
 
 # launch_training pretrain|finetune FAMILY COUNT ARGS...   (USAGE set by the caller)
 # ARGS start with ENV MEGATRON_PATH MEGATRON_PATCH_PATH in both launchers.
 launch_training() {
-  local kind=$1 family=$2 count=$3 plan py=${PYTHON:-python3} flags cmd
+  local kind=$1 family=$2 count=$3 plan py=${PYTHON:-python3} flags cmd log
   shift 3
   [[ $# -eq $count ]] || usage_error "expected $count arguments, got $#"
   [[ -d $3/megatron_patch ]] || usage_error "MEGATRON_PATCH_PATH '$3' has no megatron_patch/"
+  [[ $1 != dlc ]] || check_dlc_env  # before any work, as the positional arguments are
   put_megatron_first "$2"
   export PYTHONPATH="$3${PYTHONPATH:+:$PYTHONPATH}"
   # Answer: processes a CPU-only machine needs (TP x PP), the log file, then the trainer's flags.
@@ -42,9 +46,15 @@ launch_training() {
   torchrun_args "$1" "${flags[0]}"
   cmd=("$py" -m torch.distributed.run "${TORCHRUN_ARGS[@]}" -m "megatron_patch.$kind"
        "${flags[@]:2}")
+  log=${flags[1]}
+  # The nodes of a dlc run share OUTPUT_BASEPATH (NFS): each tees its own log, node 0 NAME.log,
+  # node R NAME.nodeR.log (concurrent appends to one file over NFS interleave or overwrite).
+  if [[ $1 == dlc ]] && (( 10#$RANK > 0 )); then
+    log=${log%.log}.node$((10#$RANK)).log
+  fi
   export CUDA_DEVICE_MAX_CONNECTIONS=1
-  printf '[launcher] %s\n' "${cmd[*]}" | tee -a "${flags[1]}"
-  "${cmd[@]}" 2>&1 | tee -a "${flags[1]}"  # pipefail: the script exits with torchrun's status
+  printf '[launcher] %s\n' "${cmd[*]}" | tee -a "$log"
+  "${cmd[@]}" 2>&1 | tee -a "$log"  # pipefail: the script exits with torchrun's status
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
