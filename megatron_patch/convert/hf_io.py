@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 
 import torch
 
-from megatron_patch.convert.io_utils import CheckpointError, read_json, require_dir
+from megatron_patch.convert.io_utils import (CheckpointError, load_lazily, read_bytes, read_json,
+                                             read_tensor, require_dir)
 
 # Files that travel with the weights (tokenizer, generation defaults); never the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja")
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
+# safetensors' dtype tags (its format spec).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_hf_config(path: str) -> dict:
@@ -27,13 +34,30 @@ def read_hf_config(path: str) -> dict:
     return read_json(config_path)
 
 
+def read_safetensors_header(path: str) -> tuple[int, dict]:
+    """(where the data starts, {tensor name: entry}) of a safetensors file, which begins with
+    the length of its JSON header as 8 little-endian bytes."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= os.path.getsize(path) - 8:
+            raise CheckpointError(f"{path}: not a safetensors file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: invalid safetensors header ({err})") from err
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
 class HFReader:
-    """Tensors of an HF checkpoint by name, read one at a time; remembers which were read."""
+    """Tensors of an HF checkpoint by name, read one at a time into memory of their own (a
+    plain read, nothing stays mapped); remembers which were read."""
 
     def __init__(self, path: str):
         self.path = path
         self.config = read_hf_config(path)
-        self._handles = {}
+        self._headers = {}  # file -> safetensors (data start, header) or lazily loaded .bin
         self._where = self._index()  # tensor name -> file
         self.reads: dict[str, int] = {}  # how often each tensor was read
 
@@ -48,23 +72,16 @@ class HFReader:
                 return {k: os.path.join(self.path, v) for k, v in weight_map.items()}
             single_path = os.path.join(self.path, single)
             if os.path.isfile(single_path):
-                return {k: single_path for k in self._names_in(single_path)}
+                return {k: single_path for k in self._header(single_path)}
         raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json "
                               f"or pytorch_model.bin found")
 
-    def _names_in(self, file: str) -> list[str]:
-        return list(self._open(file).keys())
-
-    def _open(self, file: str):
-        if file not in self._handles:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                self._handles[file] = safe_open(file, framework="pt", device="cpu")
-            else:
-                self._handles[file] = torch.load(file, map_location="cpu", mmap=True,
-                                                 weights_only=True)
-        return self._handles[file]
+    def _header(self, file: str) -> dict:
+        """{name: safetensors entry or meta tensor} of one weight file, read once."""
+        if file not in self._headers:
+            self._headers[file] = (read_safetensors_header(file) if file.endswith(".safetensors")
+                                   else (0, load_lazily(file, weights_only=True)))
+        return self._headers[file][1]
 
     def has(self, name: str) -> bool:
         return name in self._where
@@ -73,10 +90,22 @@ class HFReader:
         """One tensor, counted as consumed."""
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
-        handle = self._open(self._where[name])
-        tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        file = self._where[name]
+        entry = self._header(file).get(name)
+        if entry is None:
+            raise CheckpointError(f"{file}: no tensor '{name}' (the index says it is there)")
+        tensor = (self._read_safetensors(file, name, entry) if isinstance(entry, dict)
+                  else read_tensor(file, entry))
         self.reads[name] = self.reads.get(name, 0) + 1
         return tensor
+
+    def _read_safetensors(self, file: str, name: str, entry: dict) -> torch.Tensor:
+        if entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype "
+                                  f"{entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        data = read_bytes(file, self._headers[file][0] + begin, end - begin)
+        return data.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def unconsumed(self) -> list[str]:
         return sorted(self._where.keys() - self.reads.keys())
@@ -84,12 +113,11 @@ class HFReader:
     def dtype(self) -> torch.dtype:
         """The dtype the checkpoint stores its floating-point weights in."""
         for name in self._where:
-            handle = self._open(self._where[name])
-            if hasattr(handle, "get_slice"):
-                kind = handle.get_slice(name).get_dtype()
-                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                        "F64": torch.float64}.get(kind, torch.float32)
-            return handle[name].dtype
+            entry = self._header(self._where[name])[name]
+            dtype = entry.dtype if isinstance(entry, torch.Tensor) else \
+                SAFETENSORS_DTYPES.get(entry["dtype"])
+            floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+            return dtype if dtype in floats else torch.float32
         return torch.float32
 
 

@@ -1,10 +1,20 @@
-"""Errors and atomic directory writes shared by the checkpoint readers and writers."""
+"""Errors, atomic directory writes and plain-read tensor access shared by the checkpoint
+readers and writers.
+
+Readers take each tensor's bytes with one ``read`` into memory the caller owns, never through a
+memory map: the touched pages of a mapped file count in the process's resident memory for as
+long as the mapping lives, which for a whole checkpoint is the whole checkpoint.
+"""
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import os
 import shutil
+
+import torch
 
 
 class CheckpointError(ValueError):
@@ -55,3 +65,49 @@ def atomic_directory(path: str, overwrite: bool = False):
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def read_bytes(path: str, offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` bytes of ``path`` from ``offset``, as a new uint8 tensor."""
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        got = handle.readinto(data.numpy())
+    if got != nbytes:
+        raise CheckpointError(f"{path}: truncated (wanted {nbytes} bytes at offset {offset}, "
+                              f"got {got})")
+    return data
+
+
+@functools.cache
+def _meta_load_knows_offsets() -> bool:
+    """Whether this torch's ``torch.load(map_location="meta")`` tags each storage with its
+    offset in the file (``_checkpoint_offset``, with no data read: torch >= 2.10)."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location="meta", weights_only=True)
+    return hasattr(loaded.untyped_storage(), "_checkpoint_offset")
+
+
+def load_lazily(path: str, weights_only: bool):
+    """The objects of a ``torch.save`` file with its tensors on the meta device, read no further
+    than their shapes: :func:`read_tensor` fetches one's data. Where torch cannot say where a
+    storage lies in the file, the tensors are memory-mapped instead (their touched pages then
+    stay resident)."""
+    if _meta_load_knows_offsets():
+        return torch.load(path, map_location="meta", weights_only=weights_only)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+
+
+def read_tensor(path: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The data of ``tensor``, an entry of :func:`load_lazily`'s ``path``, in new memory."""
+    if tensor.device.type != "meta":
+        return tensor  # memory-mapped already
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    extent = extent if tensor.numel() else 0
+    itemsize = tensor.element_size()
+    start = tensor.untyped_storage()._checkpoint_offset + tensor.storage_offset() * itemsize
+    data = read_bytes(path, start, extent * itemsize).view(tensor.dtype)
+    return data.as_strided(tensor.shape, tensor.stride())
+

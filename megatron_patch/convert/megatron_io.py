@@ -19,7 +19,8 @@ import re
 
 import torch
 
-from megatron_patch.convert.io_utils import CheckpointError, read_json, require_dir
+from megatron_patch.convert.io_utils import (CheckpointError, load_lazily, read_json,
+                                             read_tensor, require_dir)
 from megatron_patch.convert.sharding import merge_tensors
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -116,7 +117,10 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 class MegatronReader:
     """Full (TP-merged) tensors of a ``torch``-format Megatron checkpoint, by global name.
 
-    Rank files are memory-mapped and opened when first needed; remembers which keys were read.
+    A rank file's structure is loaded when first needed, without its weights; each tensor is
+    then read on its own into new memory (see :func:`~megatron_patch.convert.io_utils.
+    load_lazily`), so what stays resident is what the caller keeps. Remembers which keys were
+    read.
     """
 
     def __init__(self, path: str):
@@ -128,19 +132,22 @@ class MegatronReader:
         if len(ranks) != self.tp * self.pp:
             raise CheckpointError(f"{self.iter_dir}: expected {self.tp * self.pp} mp_rank "
                                   f"directories for TP={self.tp} PP={self.pp}, found {len(ranks)}")
-        self._files: dict[tuple[int, int], dict] = {}
+        self._files: dict[tuple[int, int], dict] = {}  # (tp, pp) -> lazily loaded payload
         self.consumed: set[tuple[int, str]] = set()
         first = self._load(0, 0)
         self.meta = read_metadata(self.root) or first.get("megatron_patch")
 
+    def _path(self, tp_rank: int, pp_rank: int) -> str:
+        return os.path.join(self.iter_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
+
     def _load(self, tp_rank: int, pp_rank: int) -> dict:
         key = (tp_rank, pp_rank)
         if key not in self._files:
-            path = os.path.join(self.iter_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
+            path = self._path(tp_rank, pp_rank)
             if not os.path.isfile(path):
                 raise CheckpointError(f"missing {path}")
             # weights_only=False: Megatron-LM stores an argparse.Namespace under "args".
-            self._files[key] = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            self._files[key] = load_lazily(path, weights_only=False)
         return self._files[key]
 
     def stage_keys(self, pp_rank: int) -> list[str]:
@@ -155,7 +162,7 @@ class MegatronReader:
             if local not in state:
                 raise CheckpointError(f"{self.iter_dir}: {rank_dir_name(tp_rank, pp_rank, self.pp)}"
                                       f" has no tensor '{local}'")
-            pieces.append(state[local])
+            pieces.append(read_tensor(self._path(tp_rank, pp_rank), state[local]))
         self.consumed.add((pp_rank, local))
         return merge_tensors(pieces, split)
 
