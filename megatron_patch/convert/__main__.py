@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_patch.convert import engine
-    from megatron_patch.convert.io_utils import CheckpointError
+    from megatron_patch.convert.io_utils import CheckpointError, unmap_large_allocations_on_free
+
+    unmap_large_allocations_on_free()
 
     target = engine.Target(args.target_tensor_model_parallel_size,
                            args.target_pipeline_model_parallel_size, args.extra_vocab_size,

@@ -2,8 +2,12 @@
 only code that shards. HF tensors are the canonical form: Megatron -> Megatron resharding goes
 through the ops' inverses too, so every direction uses the same table.
 
-Memory stays near one pipeline stage of the model: HF tensors are read lazily from safetensors,
-Megatron rank files are memory-mapped, and each stage is written before the next is built.
+Memory stays near one rank file (HF -> Megatron) or one HF shard (Megatron -> HF) plus one full
+tensor: readers copy each tensor out of its file with a plain read (nothing stays mapped), the
+TP ranks of a stage are saved one at a time (see :func:`write_megatron_stages`) and the HF
+writer holds one shard of at most 5 GB. ``python -m megatron_patch.convert`` also keeps freed
+tensors from staying resident (:func:`~megatron_patch.convert.io_utils.
+unmap_large_allocations_on_free`); ``toolkits/benchmarks/bench_convert.py`` measures the peaks.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import sys
 
 from megatron_patch.convert import megatron_io as mio
 from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
-from megatron_patch.convert.io_utils import CheckpointError, atomic_directory
+from megatron_patch.convert.io_utils import CheckpointError, TensorSpill, atomic_directory
 from megatron_patch.convert.mapping import Binding, bind_stage
 from megatron_patch.convert.ops import Dims
 from megatron_patch.convert.sharding import split_tensor, stage_layers
@@ -80,29 +84,41 @@ def build_metadata(family: Family, args: ModelArgs, target: Target, hf_config: d
     }
 
 
-def write_megatron_stages(family, args, meta, fetch, save_stage, progress=True) -> None:
-    """Build every stage's TP shards from ``fetch(binding) -> full tensor`` and hand them to
-    ``save_stage(stage, [state_dict per TP rank])``."""
+def write_megatron_stages(family, args, meta, fetch, save_rank, spill_dir: str,
+                          progress: bool = True) -> None:
+    """Build every rank's state dict from ``fetch(binding) -> full tensor`` and hand it to
+    ``save_rank(stage, tp_rank, state_dict)``.
+
+    Each full tensor is fetched once. TP rank 0's piece stays in memory and the other ranks'
+    pieces are parked in files under ``spill_dir``; then rank 0 is saved and freed, and each
+    other rank in turn is read back, saved and freed. Memory holds one rank of one stage plus
+    one full tensor, not every rank of the stage."""
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     per_stage = [stage_bindings(family, args, pp, s) for s in range(pp)]
     with _progress(sum(map(len, per_stage)), "writing megatron", progress) as bar:
         for stage, bindings in enumerate(per_stage):
-            shards = [{} for _ in range(tp)]
+            first = {}
+            spills = [TensorSpill(os.path.join(spill_dir, f"spill-tp{rank}"))
+                      for rank in range(1, tp)]
             for binding in bindings:
-                for rank, piece in enumerate(split_tensor(fetch(binding), binding.row.tp, tp)):
-                    shards[rank][binding.megatron_local] = piece
+                pieces = split_tensor(fetch(binding), binding.row.tp, tp)
+                first[binding.megatron_local] = pieces[0]
+                for spill, piece in zip(spills, pieces[1:]):
+                    spill.put(binding.megatron_local, piece)
                 bar.update(1)
-            save_stage(stage, shards)
+            save_rank(stage, 0, first)
+            del first  # before the next rank is read back
+            for rank, spill in enumerate(spills, start=1):
+                save_rank(stage, rank, spill.take())
 
 
-def torch_stage_saver(iter_dir: str, meta: dict):
-    """``save_stage`` for the ``torch`` format: one model_optim_rng.pt per rank (a converted
+def torch_rank_saver(iter_dir: str, meta: dict):
+    """``save_rank`` for the ``torch`` format: one model_optim_rng.pt per rank (a converted
     checkpoint is iteration 0, "release")."""
-    def save(stage, shards):
-        for rank, state in enumerate(shards):
-            mio.save_rank_file(iter_dir, rank, stage, meta["pipeline_model_parallel_size"], {
-                "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION, "iteration": 0,
-                "args": mio.megatron_lm_args(meta), "megatron_patch": meta})
+    def save(stage, rank, state):
+        mio.save_rank_file(iter_dir, rank, stage, meta["pipeline_model_parallel_size"], {
+            "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION, "iteration": 0,
+            "args": mio.megatron_lm_args(meta), "megatron_patch": meta})
     return save
 
 
@@ -110,8 +126,9 @@ def _write_checkpoint(family, args, meta, fetch, root, progress) -> None:
     """Write weights in ``meta['ckpt_format']`` plus metadata and tracker under ``root``."""
     iter_dir = os.path.join(root, mio.iteration_dir_name("release"))
     if meta["ckpt_format"] == "torch":
-        write_megatron_stages(family, args, meta, fetch, torch_stage_saver(iter_dir, meta),
-                              progress)
+        os.makedirs(iter_dir, exist_ok=True)
+        write_megatron_stages(family, args, meta, fetch, torch_rank_saver(iter_dir, meta),
+                              iter_dir, progress)
     elif meta["ckpt_format"] == "torch_dist":
         from megatron_patch.convert.dist_io import save_torch_dist
 

@@ -31,6 +31,8 @@ def shard_tensor(tensor: torch.Tensor, split: Split | None, tp: int, rank: int) 
     others."""
     if split is None:
         return tensor
+    if tp == 1:
+        return tensor.contiguous()  # the whole tensor: no copy to make and free
     size = tensor.shape[split.dim] // split.parts
     if size % tp:
         raise ValueError(f"dimension {split.dim} of size {size} does not divide into {tp} "
