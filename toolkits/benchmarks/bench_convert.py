@@ -14,7 +14,9 @@ resident set size then (the runtime baseline), restarts the kernel's RSS high-wa
 (``VmHWM``; ``ru_maxrss`` where there is no /proc), which counts the touched pages of
 memory-mapped files too. The table gives the peak, the peak minus the
 baseline (what the conversion itself holds) and that as a multiple of the checkpoint's tensor
-bytes. The Megatron -> HF output is checked to be bit-identical to the source.
+bytes. Wall time and CPU time (user + system) are both given: on a shared machine the CPU
+time is the steadier figure. The Megatron -> HF output is checked to be bit-identical to the
+source.
 
     python toolkits/benchmarks/bench_convert.py          # 22 layers, hidden 2048: 2.2 GB bf16
     python toolkits/benchmarks/bench_convert.py --layers 2 --hidden 256 --ffn 512 --vocab 1000
@@ -146,6 +148,11 @@ def peak_rss() -> int:
         return peak * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes, Linux: KiB
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(argv: list[str]) -> int:
     """One conversion in this (fresh) process; prints its timings and memory as JSON."""
     import psutil
@@ -158,10 +165,10 @@ def child(argv: list[str]) -> int:
 
     baseline = psutil.Process().memory_info().rss
     reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     code = main(argv + ["--no-progress"])
-    seconds = time.perf_counter() - start
-    print(json.dumps({"code": code, "seconds": seconds, "peak": peak_rss(),
+    print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
+                      "cpu_seconds": cpu_seconds() - cpu, "peak": peak_rss(),
                       "baseline": baseline}))
     return code
 
@@ -173,7 +180,8 @@ def run_conversion(label: str, argv: list[str], ckpt_bytes: int) -> dict:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     own = row["peak"] - row["baseline"]
-    return {"conversion": label, "seconds": row["seconds"], "peak_gb": row["peak"] / 1e9,
+    return {"conversion": label, "seconds": row["seconds"], "cpu_seconds": row["cpu_seconds"],
+            "peak_gb": row["peak"] / 1e9,
             "baseline_gb": row["baseline"] / 1e9, "own_gb": own / 1e9, "ratio": own / ckpt_bytes}
 
 
@@ -227,9 +235,11 @@ def compare_hf(a: str, b: str) -> int:
 def table(rows: list[dict], ckpt_bytes: int) -> str:
     lines = [f"checkpoint: {ckpt_bytes / 1e9:.3f} GB of tensors; baseline = RSS of a fresh "
              f"process after importing torch and megatron_patch.convert",
-             "| conversion | seconds | peak RSS GB | baseline GB | peak - baseline GB "
-             "| (peak - baseline) / checkpoint |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['conversion']} | {r['seconds']:.1f} | {r['peak_gb']:.3f} | "
+             "| conversion | seconds | CPU seconds | peak RSS GB | baseline GB "
+             "| peak - baseline GB | (peak - baseline) / checkpoint |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['conversion']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+              f"{r['peak_gb']:.3f} | "
               f"{r['baseline_gb']:.3f} | {r['own_gb']:.3f} | {r['ratio']:.2f}x |" for r in rows]
     return "\n".join(lines)
 
