@@ -263,6 +263,27 @@ def _fix_distributed_optimizer_torch_adam() -> None:
     cls._set_main_param_and_optimizer_states = set_states
 
 
+def optimizer_config_overrides(config):
+    """The parameter-group overrides ``get_megatron_optimizer`` builds by default, with the
+    --decoupled-lr group marked ``is_decoupled_lr``.
+
+    megatron-core 0.16.1 (and Megatron-LM with it) sets only max_lr/min_lr for that group, so it
+    shares its identifying keys (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) with
+    the main group. The distributed optimizer's load_state_dict matches saved groups to live
+    ones by those keys, so on resume both got one group's learning rates (measured: the main
+    parameters trained at the decoupled rate after a resume). None without --decoupled-lr
+    (megatron-core's default then)."""
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    if config.decoupled_lr is None:
+        return None
+    overrides = get_standard_config_overrides(config)
+    for override in overrides.values():
+        if "max_lr" in override:
+            override["is_decoupled_lr"] = True
+    return overrides
+
+
 def compile_megatron(fn, **compile_kwargs):
     """``torch.compile(fn)`` for code that runs megatron-core modules.
 
@@ -315,11 +336,14 @@ def fix_megatron_core() -> None:
 # --------------------------------------------------------------------------- distributed
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(timeout_minutes: float | None = None) -> None:
     """Start torch.distributed from torchrun's variables, or as one local process.
 
     A single process uses an in-memory store: no port, no environment variables changed (a
-    process that starts others, like a test runner, must not hand them a rendezvous)."""
+    process that starts others, like a test runner, must not hand them a rendezvous).
+    ``timeout_minutes`` bounds every collective (Megatron-LM's --distributed-timeout-minutes)."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -327,19 +351,22 @@ def initialize_distributed() -> None:
     backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = {} if timeout_minutes is None else {
+        "timeout": datetime.timedelta(minutes=timeout_minutes)}
     if "RANK" not in os.environ:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **timeout)
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **timeout)
 
 
 def initialize_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234,
-                        virtual_pipeline_parallel: int | None = None) -> None:
+                        virtual_pipeline_parallel: int | None = None,
+                        timeout_minutes: float | None = None) -> None:
     """torch.distributed + megatron-core model-parallel groups + the model-parallel RNG seeds."""
     require_megatron_core()
     enable_cpu_mode()
     fix_megatron_core()
-    initialize_distributed()
+    initialize_distributed(timeout_minutes)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

@@ -414,10 +414,11 @@ def test_torchrun_args_for_dsw_and_dlc(tmp_path):
         WORLD_SIZE="2", RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500",
         KUBERNETES_CONTAINER_RESOURCE_GPU="4"))
     assert dlc.stdout.strip() == ("--nnodes 2 --node-rank 1 --master-addr 10.0.0.1 "
-                                  "--master-port 29500 --nproc-per-node 4")
+                                  "--master-port 29500 --nproc-per-node 4 --rdzv-conf "
+                                  "timeout=600")
     missing = torchrun_args(tmp_path, "torchrun_args dlc 1", {"WORLD_SIZE": "2"})
     assert missing.returncode == 2
-    assert "RANK MASTER_ADDR MASTER_PORT, which are not set" in missing.stderr
+    assert "not set: RANK MASTER_ADDR MASTER_PORT" in missing.stderr
 
 
 def test_put_megatron_first(tmp_path):

@@ -5,6 +5,7 @@ One tiny llama (converted from a random HF checkpoint) and one mmap dataset buil
 standard library's docstrings serve every test; runs are subprocesses (torchrun for 2 ranks).
 """
 import json
+import math
 import os
 import shutil
 
@@ -15,15 +16,16 @@ from helpers import REPO, run_python, run_torchrun, save_tiny_llama, train_tiny_
 from megatron_patch.convert import engine
 
 ITERS = 6
+VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    tok = train_tiny_tokenizer(str(root / "tok"), vocab_size=500)
-    # 512 rows: a multiple of 128, so Megatron's softmax has no padding classes and its loss
-    # is directly comparable with HF's (the 500-token tokenizer uses the first 500).
-    hf = save_tiny_llama(str(root / "hf"), vocab_size=512)
+    # 300 tokens: the embedding pads to 384 rows at TP1 and 512 at TP2, so every comparison
+    # across layouts (and with HF) also proves that padded rows take no probability.
+    tok = train_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
+    hf = save_tiny_llama(str(root / "hf"), vocab_size=VOCAB)
     for name in os.listdir(tok):
         shutil.copy(os.path.join(tok, name), hf)
     engine.convert_hf_to_megatron(hf, str(root / "mg"), progress=False)
@@ -126,19 +128,58 @@ def test_resume_is_exact_with_dp2_and_the_distributed_optimizer(work, tmp_path):
 # Fp32 on CPU: TP splits matmuls and reductions, PP only moves activations, DP averages
 # gradients of half batches, so the losses may differ by float rounding only.
 LAYOUT_RTOL = 1e-5
+LAYOUTS = pytest.mark.parametrize(
+    "layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
+               [],  # DP2
+               ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
+    ids=["tp2", "pp2", "dp2", "tp2-sp"])
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
-                                    ["--pipeline-model-parallel-size", "2"],
-                                    [],  # DP2
-                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
-                         ids=["tp2", "pp2", "dp2", "tp2-sp"])
+@LAYOUTS
 def test_first_losses_agree_across_layouts(work, reference, tmp_path, layout):
     pretrain(work, tmp_path / "m.jsonl", *layout, nproc=2)
     got = losses(tmp_path / "m.jsonl")
     assert sorted(got) == sorted(reference)
     for iteration, loss in reference.items():
         assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
+
+
+RANDOM_INIT = ["--load", "", "--model-family", "llama", "--model-size", "tiny",
+               "--tokenizer-type", "HuggingFaceTokenizer"]
+
+
+@pytest.fixture(scope="module")
+def random_reference(work):
+    """TP1 from random weights (no --load): iteration -> loss."""
+    pretrain(work, work / "random.jsonl", *RANDOM_INIT, "--tokenizer-model", str(work / "tok"))
+    return losses(work / "random.jsonl")
+
+
+@LAYOUTS
+def test_random_init_is_the_same_model_at_every_layout(work, random_reference, tmp_path, layout):
+    # Same --seed, no checkpoint: TP2 pads the vocabulary to 512 rows where TP1 has 384, PP2
+    # builds half the layers per rank; the first losses still agree.
+    assert random_reference[1] == pytest.approx(math.log(VOCAB), abs=0.05)  # near uniform
+    pretrain(work, tmp_path / "m.jsonl", *RANDOM_INIT, "--tokenizer-model", str(work / "tok"),
+             *layout, nproc=2)
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(random_reference)
+    for iteration, loss in random_reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_converted_model_loss_equals_hf_loss(work, tmp_path, tp):
+    """megatron-core's vocab-parallel cross-entropy on a model whose vocabulary is padded
+    (384 rows at TP1, 512 at TP2) against HF's own loss on the same batch."""
+    engine.convert_hf_to_megatron(str(work / "hf"), str(tmp_path / "mg"), progress=False,
+                                  target=engine.Target(tensor_parallel=tp))
+    args = ["tests/dist/check_logits.py", "--hf", str(work / "hf"), "--mg", str(tmp_path / "mg"),
+            "--tp", str(tp), "--loss", "--tolerance", "1e-5"]
+    proc = run_torchrun(args, nproc=tp) if tp > 1 else run_python(args)
+    diffs = [float(line.split("loss_abs_diff=")[1]) for line in proc.stdout.splitlines()
+             if "loss_abs_diff" in line]
+    assert len(diffs) == tp and max(diffs) <= 1e-5
 
 
 def test_trained_checkpoint_converts_to_hf_with_matching_logits(work, tmp_path):

@@ -93,12 +93,16 @@ def block_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
 def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: int,
                     pre_process: bool = True, post_process: bool = True,
                     attention: str = "sdpa"):
-    """megatron-core ``GPTModel`` for one pipeline stage."""
+    """megatron-core ``GPTModel`` for one pipeline stage; on the last stage its logits past the
+    true vocabulary (``args.vocab_size``) are -inf (layers/padded_vocab.py)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_patch.layers.padded_vocab import mask_padded_logits
 
     arch = family.architecture
     factor = args.rope_scaling_factor
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(family, args, config, attention),
         vocab_size=padded_vocab_size,
@@ -111,3 +115,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         rope_scaling=factor is not None,
         rope_scaling_factor=factor or 8.0,
     )
+    if post_process:
+        mask_padded_logits(model.output_layer, args.vocab_size, padded_vocab_size,
+                           ps.get_tensor_model_parallel_rank(), config.tensor_model_parallel_size)
+    return model

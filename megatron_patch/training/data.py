@@ -92,9 +92,10 @@ def build_pretrain_datasets(args, tokenizer, vocab_size: int):
     split = effective_split(args.split, sizes, blend[0] if blend else None)
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend, split=split,
-        path_to_cache=args.data_cache_path, tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        mid_level_dataset_surplus=0.005)
+        path_to_cache=args.data_cache_path, tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.reset_attention_mask,
+        mmap_bin_files=not args.no_mmap_bin_files, mid_level_dataset_surplus=0.005)
     cls = MockGPTDataset if args.mock_data else GPTDataset
     # Rank 0 builds (and caches) the sample indices first, then the others read them.
     datasets = None

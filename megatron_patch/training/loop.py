@@ -3,6 +3,7 @@
 parallelism) and finalize_model_grads."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -31,8 +32,11 @@ def forward_step(data_iterator, model):
     return output, functools.partial(loss_func, batch["loss_mask"])
 
 
-def configure_model(chunks, optimizer):
-    """Hook megatron-core's gradient machinery into the model config, as Megatron-LM does."""
+def configure_model(chunks, optimizer, args):
+    """Hook megatron-core's gradient machinery into the model config, as Megatron-LM does
+    (``train()`` in megatron/training/training.py): with --overlap-grad-reduce the schedule
+    holds gradient reduction back until the last micro-batch and starts it per bucket; with
+    --overlap-param-gather the next forward pass gathers the updated parameters."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
@@ -40,7 +44,59 @@ def configure_model(chunks, optimizer):
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.timers = None
+    if args.overlap_grad_reduce:
+        config.no_sync_func = chunks[0].no_sync
+        config.grad_sync_func = chunks[0].start_grad_sync
+    if args.overlap_param_gather:
+        config.param_sync_func = chunks[0].start_param_sync
     return config
+
+
+class ParamGatherHooks:
+    """--overlap-param-gather: the forward pre-hooks that gather updated parameters stay off
+    until one step has succeeded, and every full view of the weights (evaluation, a save)
+    first finishes the gather. Megatron-LM's enable/disable_forward_pre_hook dance."""
+
+    def __init__(self, args, chunks):
+        self.active = args.overlap_param_gather and args.use_distributed_optimizer
+        self.chunks = chunks
+        self.enabled = False
+        self.config = chunks[0].config if self.active else None
+        self.sync_func = self.config.param_sync_func if self.active else None
+        if self.active:
+            self._disable(param_sync=False)
+
+    def _disable(self, param_sync=True):
+        for chunk in self.chunks:
+            chunk.disable_forward_pre_hook(param_sync=param_sync)
+        self.config.param_sync_func = None
+        self.enabled = False
+
+    def _enable(self):
+        for chunk in self.chunks:
+            chunk.enable_forward_pre_hook()
+        self.config.param_sync_func = self.sync_func
+        self.enabled = True
+
+    def after_step(self, skipped: bool) -> None:
+        if self.active and not self.enabled and not skipped:
+            self._enable()
+
+    @contextlib.contextmanager
+    def synced(self):
+        """Parameters fully gathered inside (evaluation, checkpoint save)."""
+        was_enabled = self.enabled
+        if was_enabled:
+            self._disable()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                self._enable()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._disable()
 
 
 def _reduce_loss(losses: list[dict]) -> float:
@@ -104,24 +160,47 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
     checkpoint. ``state`` holds iteration and consumed_train_samples and is updated."""
     for chunk in chunks:
         chunk.train()
+    hooks = ParamGatherHooks(args, chunks)
     last_saved = state["iteration"]  # a resumed run's start is saved already
+    started = time.time()
     while state["iteration"] < args.train_iters:
         start = time.time()
         loss, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter)
+        hooks.after_step(skipped)
         _synchronize()
         state["iteration"] += 1
         state["consumed_train_samples"] += args.global_batch_size
         iteration = state["iteration"]
-        logger.record(iteration, time.time() - start, loss, scheduler.get_lr(
-            optimizer.param_groups[0]), grad_norm, optimizer.get_loss_scale().item(), skipped,
-            state["consumed_train_samples"])
+        logger.record(iteration, time.time() - start, loss, reported_lr(optimizer), grad_norm,
+                      optimizer.get_loss_scale().item(), skipped, state["consumed_train_samples"])
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0 \
                 and make_valid_iter is not None:
-            logger.record_validation(iteration, evaluate(args, chunks, make_valid_iter))
+            with hooks.synced():
+                logger.record_validation(iteration, evaluate(args, chunks, make_valid_iter))
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save(iteration)
+            with hooks.synced():
+                save(iteration)
             last_saved = iteration
-        if args.exit_interval and iteration >= args.exit_interval:
+        if args.exit_interval and iteration >= args.exit_interval or _out_of_time(args, started):
             break
+    hooks.close()
     if args.save and last_saved != state["iteration"]:
         save(state["iteration"])
+
+
+def reported_lr(optimizer) -> float:
+    """The learning rate of the main parameter groups, as Megatron-LM logs it: not a
+    --decoupled-lr group (the embedding and output layer), whose place in the list of groups
+    is not fixed."""
+    groups = [g for g in optimizer.param_groups if g["params"]]
+    main = [g for g in groups if g.get("default_config", True)]  # megatron-core's marker
+    return (main or groups)[0]["lr"]
+
+
+def _out_of_time(args, started: float) -> bool:
+    """--exit-duration-in-mins reached on any rank (all ranks agree, as in Megatron-LM)."""
+    if not args.exit_duration_in_mins:
+        return False
+    elapsed = torch.tensor([(time.time() - started) / 60.0], device=compat.device())
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item() > args.exit_duration_in_mins

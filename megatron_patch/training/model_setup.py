@@ -17,8 +17,12 @@ from megatron_patch.families.base import ModelArgs
 from megatron_patch.registry import get_family
 from megatron_patch.tokenizers.vocab import padded_vocab_size
 
+# ModelArgs fields that Megatron-LM flags of the same names set.
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "max_position_embeddings")
+                "num_query_groups", "kv_channels", "max_position_embeddings", "norm_epsilon",
+                "rotary_base")
+_FLAG_NAMES = {"tie_embeddings": "--untie-embeddings-and-output-weights",
+               "rope_scaling_factor": "--use-rope-scaling/--rope-scaling-factor"}
 
 
 @dataclasses.dataclass
@@ -46,23 +50,71 @@ def _source_metadata(load: str | None) -> tuple[dict | None, str | None]:
         raise CheckpointError(f"--load: {err}") from err
 
 
+def model_flags(args) -> dict:
+    """ModelArgs fields given on the command line with Megatron-LM's flags."""
+    given = {f: getattr(args, f) for f in _SHAPE_FLAGS if getattr(args, f) is not None}
+    if args.group_query_attention and "num_query_groups" not in given:
+        given["num_query_groups"] = 1  # Megatron-LM's default --num-query-groups
+    if args.use_rope_scaling:
+        given["rope_scaling_factor"] = args.rope_scaling_factor or 8.0
+    if args.untie_embeddings_and_output_weights:
+        given["tie_embeddings"] = False
+    return given
+
+
+def _flag(field: str) -> str:
+    return _FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def _args_from_flags(args, family, given: dict) -> ModelArgs:
+    """A model defined by Megatron-LM's shape flags alone, with Megatron-LM's defaults."""
+    missing = [f"--{f.replace('_', '-')}" for f in ("num_layers", "hidden_size",
+                                                   "num_attention_heads") if f not in given]
+    if missing:
+        raise ValueError(f"without --load or --model-size the shape comes from Megatron-LM's "
+                         f"flags: give {', '.join(missing)} (or --model-family and --model-size)")
+    hidden, heads = given["hidden_size"], given["num_attention_heads"]
+    if "kv_channels" not in given and hidden % heads:
+        raise ValueError(f"--hidden-size {hidden} is not divisible by --num-attention-heads "
+                         f"{heads}; give --kv-channels")
+    gated = family.architecture.get("gated_linear_unit", False)
+    fields = dict(ffn_hidden_size=int(4 * hidden * 2 / 3 / 64) * 64 if gated else 4 * hidden,
+                  max_position_embeddings=args.seq_length, tie_embeddings=True)
+    return ModelArgs(family=family.name, **{**fields, **given})
+
+
 def _model_args(args, meta) -> tuple[object, ModelArgs]:
+    """The family and shape: the --load checkpoint's (flags must agree), a --model-size row
+    (flags override it), or the flags alone."""
+    from megatron_patch.registry import FAMILIES
+    from megatron_patch.training.megatron_lm import (check_architecture, given_architecture,
+                                                     infer_family)
+
+    given = model_flags(args)
     if meta is not None:
         family = get_family(meta["family"])
         if args.model_family and args.model_family != family.name:
             raise ValueError(f"--model-family {args.model_family} does not match --load "
                              f"{args.load} (family {family.name})")
+        check_architecture(args, family)
         model_args = ModelArgs.from_dict(meta["model_args"])
-        clashes = [f for f in _SHAPE_FLAGS if getattr(args, f) not in (None, getattr(model_args, f))]
+        clashes = [f for f, v in given.items() if v != getattr(model_args, f)]
         if clashes:
-            raise ValueError(f"--{clashes[0].replace('_', '-')} differs from the --load "
-                             f"checkpoint's shape; drop it or use --finetune with a new model")
+            field = clashes[0]
+            value = "" if field == "tie_embeddings" else f" {given[field]}"
+            raise ValueError(f"{_flag(field)}{value} differs from the --load checkpoint "
+                             f"({field} {getattr(model_args, field)}); drop it, or convert the "
+                             f"checkpoint to the shape you want")
         return family, model_args
-    if not args.model_family or not args.model_size:
-        raise ValueError("without a --load checkpoint, give --model-family and --model-size")
-    family = get_family(args.model_family)
-    overrides = {f: getattr(args, f) for f in _SHAPE_FLAGS if getattr(args, f) is not None}
-    return family, family.args_for_size(args.model_size, **overrides)
+    if args.model_size and not args.model_family and not given_architecture(args):
+        raise ValueError(f"--model-size {args.model_size} needs --model-family (a size is a row "
+                         f"of one family's table)")
+    family = get_family(args.model_family) if args.model_family else \
+        infer_family(args, list(FAMILIES.values()))
+    check_architecture(args, family)
+    if args.model_size:
+        return family, family.args_for_size(args.model_size, **given)
+    return family, _args_from_flags(args, family, given)
 
 
 def _tokenizer(args, family, meta, root):
@@ -79,13 +131,33 @@ def _tokenizer(args, family, meta, root):
     return build_tokenizer(kind, path), path
 
 
+def _flag_vocab_size(args, tokenizer) -> int | None:
+    """The true vocabulary the command line gives: the tokenizer's, or --vocab-size (plus the
+    end-of-document token Megatron-LM's NullTokenizer adds)."""
+    if tokenizer is not None:
+        if args.vocab_size is not None and args.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"--vocab-size {args.vocab_size} differs from the tokenizer's "
+                             f"{tokenizer.vocab_size} tokens")
+        return tokenizer.vocab_size
+    if args.vocab_size is None:
+        return None
+    return args.vocab_size + (args.tokenizer_type == "NullTokenizer")
+
+
 def plan_model(args) -> ModelPlan:
     """Resolve family, shape, tokenizer and vocabulary for this run."""
     meta, root = _source_metadata(args.load)
     family, model_args = _model_args(args, meta)
     tokenizer, tokenizer_dir = _tokenizer(args, family, meta, root)
-    if meta is None and tokenizer is not None:
-        model_args.vocab_size = tokenizer.vocab_size
+    vocab = _flag_vocab_size(args, tokenizer)
+    if meta is None and vocab is not None:
+        model_args.vocab_size = vocab
+    elif meta is None and not args.model_size:
+        raise ValueError("the vocabulary size is unknown: give --tokenizer-model, or "
+                         "--vocab-size (with --mock-data / --tokenizer-type NullTokenizer)")
+    elif vocab is not None and vocab != model_args.vocab_size and tokenizer is None:
+        raise ValueError(f"--vocab-size {args.vocab_size} differs from the --load checkpoint's "
+                         f"vocabulary ({model_args.vocab_size})")
     if tokenizer is not None and tokenizer.vocab_size > model_args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {model_args.vocab_size}")
@@ -111,7 +183,7 @@ def plan_model(args) -> ModelPlan:
 def build_model(args, plan: ModelPlan):
     """This rank's pipeline stage as a list of one DDP-wrapped chunk, plus the bare GPTModel."""
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
 
     from megatron_patch.families.model import build_gpt_model, transformer_config
@@ -132,40 +204,61 @@ def build_model(args, plan: ModelPlan):
                             attention=args.attention_backend)
     if compat.on_gpu():
         model.cuda(torch.cuda.current_device())
+    if not args.load:  # random weights, the same at any layout (a --load replaces them all)
+        from megatron_patch.training.initialization import initialize_weights
+
+        initialize_weights(model, plan.family, plan.model_args, plan.padded_vocab_size, config,
+                           args.seed, args.tensor_model_parallel_size,
+                           ps.get_tensor_model_parallel_rank(),
+                           args.pipeline_model_parallel_size, ps.get_pipeline_model_parallel_rank())
     if args.compile_layers:
         for layer in model.decoder.layers:
             layer.forward = compat.compile_megatron(layer.forward)
     wrapped = Float16Module(config, model) if args.precision != "fp32" else model
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=args.precision != "fp32", overlap_grad_reduce=False,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    return [DistributedDataParallel(config, ddp_config, wrapped)], model
+    return [DistributedDataParallel(config, ddp_config(args), wrapped)], model
+
+
+def ddp_config(args):
+    """megatron-core DDP settings from Megatron-LM's flags (and its bucket-size default)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    bucket = None  # one bucket: nothing to overlap
+    if args.overlap_grad_reduce:
+        bucket = args.ddp_bucket_size or max(40_000_000, 1_000_000 * ps.get_data_parallel_world_size())
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.precision != "fp32" and not args.grad_reduce_in_bf16,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, align_param_gather=args.overlap_param_gather,
+        use_distributed_optimizer=args.use_distributed_optimizer, bucket_size=bucket)
 
 
 def build_optimizer(args, chunks):
-    """megatron-core's optimizer (Adam; distributed when asked) and LR/WD schedule."""
+    """megatron-core's optimizer (Adam or SGD; distributed when asked) and LR/WD schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron_patch.training.arguments import lr_schedule_steps
+
+    steps = lr_schedule_steps(args)
     config = OptimizerConfig(
-        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16,
-        params_dtype=PRECISION_DTYPES[args.precision], loss_scale=args.loss_scale,
-        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    optimizer = get_megatron_optimizer(config, chunks)
-    gbs = args.global_batch_size
-    decay_iters = args.lr_decay_iters or args.train_iters
-    if args.lr_warmup_iters >= decay_iters:  # megatron-core's scheduler would only assert
-        raise ValueError(f"the learning-rate warm-up ({args.lr_warmup_iters} iterations, from "
-                         f"--lr-warmup-iters/--warmup-tokens) must be shorter than the decay "
-                         f"({decay_iters} iterations, --lr-decay-iters or --train-iters)")
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr,
+        decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
+        bf16=args.bf16, fp16=args.fp16, params_dtype=PRECISION_DTYPES[args.precision],
+        loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis, use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather)
+    optimizer = get_megatron_optimizer(config, chunks,
+                                       config_overrides=compat.optimizer_config_overrides(config))
+    start_wd = args.weight_decay if args.start_weight_decay is None else args.start_weight_decay
+    end_wd = args.weight_decay if args.end_weight_decay is None else args.end_weight_decay
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs, lr_decay_steps=decay_iters * gbs,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs,
-        wd_incr_style="constant")
+        lr_warmup_steps=steps["lr_warmup_steps"], lr_decay_steps=steps["lr_decay_steps"],
+        lr_decay_style=args.lr_decay_style, start_wd=start_wd, end_wd=end_wd,
+        wd_incr_steps=steps["wd_incr_steps"], wd_incr_style=args.weight_decay_incr_style,
+        wsd_decay_steps=steps["wsd_decay_steps"], lr_wsd_decay_style=args.lr_wsd_decay_style)
     return optimizer, scheduler

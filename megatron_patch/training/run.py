@@ -28,6 +28,8 @@ def _banner(args, plan, rank: int) -> None:
           f"{args.precision} | micro-batch {args.micro_batch_size}, global batch "
           f"{args.global_batch_size} ({args.num_microbatches} micro-batches), seq "
           f"{args.seq_length} | {'GPU' if compat.on_gpu() else 'CPU (gloo)'}", flush=True)
+    for note in args.compat_notes:
+        print(f"[megatron_patch] {note}", flush=True)
     found = [name for name, ok in compat.optional_accelerators().items() if ok]
     print(f"[megatron_patch] optional accelerators found: {', '.join(found) or 'none'} "
           f"(none is required)", flush=True)
@@ -45,11 +47,32 @@ def _check_save_dir(save: str | None) -> None:
         raise ValueError(f"--save {save}: not writable")
 
 
+def _fresh_start(args, rank: int) -> None:
+    """Megatron-LM's resume idiom, ``--save X --load X``: while X holds no checkpoint yet the
+    run starts from scratch (--exit-on-missing-checkpoint makes that an error). A --load
+    elsewhere that does not exist stays an error: it is more likely a typo."""
+    from megatron_patch.convert.megatron_io import TRACKER
+
+    if not args.load or os.path.isfile(os.path.join(args.load, TRACKER)):
+        return
+    same = args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
+    if same:  # no tracker: nothing was ever saved there (an interrupted first save included)
+        if args.exit_on_missing_checkpoint:
+            raise ValueError(f"--load {args.load}: no checkpoint there "
+                             f"(--exit-on-missing-checkpoint)")
+        if rank == 0:
+            print(f"[megatron_patch] --load {args.load} holds no checkpoint yet: starting from "
+                  f"scratch (a relaunch resumes from it)", flush=True)
+        args.load = None
+
+
 def setup(args, data):
     """Parallel state, datasets, model, optimizer, and the loaded state. -> dict of pieces."""
     compat.initialize_parallel(args.tensor_model_parallel_size,
-                               args.pipeline_model_parallel_size, args.seed)
+                               args.pipeline_model_parallel_size, args.seed,
+                               timeout_minutes=args.distributed_timeout_minutes)
     arguments.finalize(args, dist.get_world_size())
+    _fresh_start(args, dist.get_rank())
     _check_save_dir(args.save)
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
@@ -72,7 +95,7 @@ def setup(args, data):
     state = {"iteration": 0, "consumed_train_samples": 0}
     if payload is not None:
         state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))
-    configure_model(chunks, optimizer)
+    configure_model(chunks, optimizer, args)
     return dict(plan=plan, chunks=chunks, model=model, optimizer=optimizer,
                 scheduler=scheduler, state=state, datasets=datasets)
 

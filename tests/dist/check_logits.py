@@ -1,6 +1,8 @@
 """Run under torchrun: load a converted Megatron checkpoint at --tp/--pp and compare its
 logits with HF transformers' on the original HF checkpoint. Prints max_abs_diff per rank that
-holds logits; exits 1 when it exceeds --tolerance."""
+holds logits; exits 1 when it exceeds --tolerance. With --loss it compares the language-model
+loss instead: megatron-core's vocab-parallel cross-entropy (labels given to the model) against
+HF's own ``model(ids, labels=ids).loss``, printing loss_abs_diff."""
 import argparse
 import sys
 
@@ -10,7 +12,7 @@ import torch.distributed as dist
 from megatron_patch import compat
 
 
-def megatron_logits(mg_path, tp, pp, ids, attention):
+def megatron_logits(mg_path, tp, pp, ids, attention, labels=None):
     from megatron.core import parallel_state as ps
 
     from megatron_patch.convert.engine import open_megatron
@@ -32,11 +34,12 @@ def megatron_logits(mg_path, tp, pp, ids, attention):
             hidden = torch.empty(ids.shape[1], ids.shape[0], args.hidden_size)
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
-        out = model(ids, positions, None, runtime_gather_output=True)
+        out = model(ids, positions, None, labels=labels,
+                    runtime_gather_output=None if labels is not None else True)
         if not last:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None, args
-    return out[..., : args.vocab_size], args
+    return (out if labels is not None else out[..., : args.vocab_size]), args
 
 
 def main():
@@ -47,20 +50,26 @@ def main():
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--loss", action="store_true", help="compare the loss, not the logits")
     opts = parser.parse_args()
     compat.initialize_parallel(opts.tp, opts.pp)
     torch.manual_seed(0)
-    ids = torch.randint(0, 200, (2, 24))
-    logits, args = megatron_logits(opts.mg, opts.tp, opts.pp, ids, opts.attention)
+    ids = torch.randint(0, 200, (2, 25 if opts.loss else 24))
+    inputs, labels = (ids[:, :-1], ids[:, 1:]) if opts.loss else (ids, None)
+    out, args = megatron_logits(opts.mg, opts.tp, opts.pp, inputs, opts.attention, labels)
     code = 0
-    if logits is not None:
+    if out is not None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(opts.hf, dtype=torch.float32).eval()
         with torch.no_grad():
-            reference = hf(ids).logits
-        diff = (logits - reference).abs().max().item()
-        print(f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", flush=True)
+            if opts.loss:  # HF shifts the labels itself
+                diff = abs(out.mean().item() - hf(ids, labels=ids).loss.item())
+                print(f"rank {dist.get_rank()} loss={out.mean().item():.6f} "
+                      f"loss_abs_diff={diff:.3e}", flush=True)
+            else:
+                diff = (out - hf(ids).logits).abs().max().item()
+                print(f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", flush=True)
         code = int(diff > opts.tolerance)
     compat.destroy_parallel()
     sys.exit(code)
