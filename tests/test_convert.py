@@ -333,3 +333,17 @@ def test_bench_convert_prints_its_table_and_its_outputs_round_trip(tmp_path):
         back = tmp_path / f"back_{layout}"
         engine.convert_megatron_to_hf(os.path.join(work, layout), str(back), progress=False)
         assert_bit_identical(hf_dir, back)
+
+
+def test_truncated_and_missing_weight_files_are_errors_that_name_them(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    save_tiny_llama(str(hf_dir))
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out")])
+    assert "model.safetensors: truncated" in err
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "gone.safetensors"}}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out")])
+    assert "gone.safetensors: missing (the weight index names it)" in err
+    assert not (tmp_path / "out").exists()

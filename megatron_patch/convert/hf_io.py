@@ -79,6 +79,8 @@ class HFReader:
     def _header(self, file: str) -> dict:
         """{name: safetensors entry or meta tensor} of one weight file, read once."""
         if file not in self._headers:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{file}: missing (the weight index names it)")
             self._headers[file] = (read_safetensors_header(file) if file.endswith(".safetensors")
                                    else (0, load_lazily(file, weights_only=True)))
         return self._headers[file][1]
