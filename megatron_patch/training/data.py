@@ -145,10 +145,14 @@ class EpochOrder:
 
 def micro_batches(dataset, sampler, args, collate=None):
     """Iterator over micro-batches (dicts of tensors) on this rank's device."""
+    # Its own generator: a DataLoader draws its workers' base seed when iteration starts, and
+    # from the global RNG that draw would shift dropout's stream by one in a resumed run (the
+    # loader starts at iteration 1 in a fresh run, after the RNG restore in a resumed one).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          num_workers=args.num_workers, collate_fn=collate,
                                          pin_memory=compat.on_gpu(),
-                                         persistent_workers=args.num_workers > 0)
+                                         persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
     device = compat.device()
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
