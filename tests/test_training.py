@@ -215,37 +215,102 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
           "completes the request.\n\n### Instruction:\n{}\n\n### Response:")
 
 
-def hf_response_loss(hf_dir, records) -> float:
-    """Mean cross-entropy over response tokens (and the closing EOS) computed with HF
-    transformers, independently of megatron_patch's SFT code."""
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_prompt_and_response(tok, record) -> tuple[list[int], list[int]]:
+    """A record's prompt and learned ids, built with HF's tokenizer and chat template directly
+    (independently of megatron_patch's SFT code): Alpaca, or one chat turn."""
+    if "messages" in record:
+        prompt_text = tok.apply_chat_template(record["messages"][:-1], tokenize=False,
+                                              add_generation_prompt=True)
+        full = tok.apply_chat_template(record["messages"], tokenize=False)
+        prompt, answer = tok(prompt_text).input_ids, full[len(prompt_text):]
+    else:
+        prompt, answer = tok(ALPACA.format(record["instruction"])).input_ids, record["output"]
+    return prompt, tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def hf_response_loss(hf_dir, records, tokenizer_dir=None) -> float:
+    """Token-weighted mean cross-entropy over every record's response tokens (and the closing
+    EOS), from HF transformers' model on each record alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     for record in records:
-        prompt = tok(ALPACA.format(record["instruction"])).input_ids
-        response = tok(record["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        prompt, response = hf_prompt_and_response(tok, record)
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
             logits = model(ids).logits[0, :-1]
-        targets = ids[0, 1:]
-        token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        token_losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
         total += token_losses[len(prompt) - 1:].sum().item()
         count += len(response)
     return total / count
 
 
-def test_sft_loss_covers_responses_only(work, tmp_path):
-    records = [{"instruction": f"Write the number {i} in words.", "input": "",
-                "output": f"The number {i} is written out here."} for i in range(4)]
+# Responses of very different lengths, two per micro-batch: the loss is the mean over all
+# response tokens of the global batch, not the mean of per-micro-batch means.
+SFT_RECORDS = [{"instruction": f"Write the number {i} in words.", "input": "",
+                "output": "The number is " + "very " * (6 * i) + f"{i}."} for i in range(4)]
+
+
+def chat_tokenizer(work, tmp_path) -> str:
+    """The test tokenizer with a ChatML template."""
+    target = tmp_path / "chat_tok"
+    shutil.copytree(work / "tok", target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    return str(target)
+
+
+@pytest.mark.parametrize("kind", ["alpaca", "packed", "chat"])
+def test_sft_loss_is_the_token_weighted_response_loss_of_hf(work, tmp_path, kind):
+    records, extra, tokenizer_dir = SFT_RECORDS, [], None
+    if kind == "packed":
+        extra = ["--packing"]
+    if kind == "chat":
+        tokenizer_dir = chat_tokenizer(work, tmp_path)
+        records = [{"messages": [{"role": "user", "content": r["instruction"]},
+                                 {"role": "assistant", "content": r["output"]}]}
+                   for r in SFT_RECORDS]
+        extra = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
     (tmp_path / "sft.json").write_text(json.dumps(records))
     run_python(["-m", "megatron_patch.finetune", "--load", str(work / "mg"), "--train-data",
                 str(tmp_path / "sft.json"), "--micro-batch-size", "2", "--global-batch-size",
                 "4", "--seq-length", "256", "--lr", "1e-3", "--train-iters", "1",
-                "--metrics-file", str(tmp_path / "m.jsonl"), "--eval-iters", "0"])
+                "--metrics-file", str(tmp_path / "m.jsonl"), "--eval-iters", "0", *extra])
     first = losses(tmp_path / "m.jsonl")[1]  # measured before the first update
-    assert first == pytest.approx(hf_response_loss(str(work / "hf"), records), abs=1e-4)
+    expected = hf_response_loss(str(work / "hf"), records, tokenizer_dir)
+    assert first == pytest.approx(expected, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+@pytest.fixture(scope="module")
+def tied(work, tmp_path_factory):
+    """A converted tiny llama with tied embeddings and its TP1 losses."""
+    root = tmp_path_factory.mktemp("tied")
+    save_tiny_llama(str(root / "hf"), vocab_size=VOCAB, tie_word_embeddings=True)
+    engine.convert_hf_to_megatron(str(root / "hf"), str(root / "mg"), progress=False)
+    pretrain(work, root / "tp1.jsonl", "--load", str(root / "mg"))
+    return root, losses(root / "tp1.jsonl")
+
+
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"],
+                                    ["--tensor-model-parallel-size", "2"]], ids=["pp2", "tp2"])
+def test_tied_embeddings_train_the_same_under_pp2_and_tp2(work, tied, tmp_path, layout):
+    # Under PP2 the first stage's embedding and the last stage's output copy must get the sum
+    # of both gradients every step, or the curves part after iteration 1.
+    root, reference = tied
+    pretrain(work, tmp_path / "m.jsonl", "--load", str(root / "mg"), *layout, nproc=2)
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(reference)
+    for iteration, loss in reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
 
 
 # ----------------------------------------------------------------------------- bad input
