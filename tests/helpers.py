@@ -62,8 +62,12 @@ def train_tiny_tokenizer(output_dir: str, vocab_size: int = 500, docs: int = 400
     return train_bpe_tokenizer(texts, vocab_size, output_dir)
 
 
-def save_tiny_llama(output_dir: str, seed: int = 0, **overrides) -> str:
-    """A random HF LlamaForCausalLM (2 layers, hidden 64 unless overridden), saved as safetensors."""
+def save_tiny_llama(output_dir: str, seed: int = 0, qk_scale: float = 1.0, **overrides) -> str:
+    """A random HF LlamaForCausalLM (2 layers, hidden 64 unless overridden), saved as safetensors.
+
+    ``qk_scale`` multiplies the query and key projections: random weights of std 0.02 give
+    nearly uniform attention, whose logits hardly depend on positions; sharper attention makes
+    a rotary or masking mistake move the logits by orders of magnitude more."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = dict(vocab_size=250, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -77,5 +81,7 @@ def save_tiny_llama(output_dir: str, seed: int = 0, **overrides) -> str:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            if "q_proj" in name or "k_proj" in name:
+                param.mul_(qk_scale)
     model.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
