@@ -46,9 +46,11 @@ def completion_records(prompts, completions, tokenizer) -> list[dict]:
     records = []
     for text, completion in zip(prompts.texts, completions):
         ids = completion.ids[:-1] if completion.finish_reason == "eos" else completion.ids
-        records.append({"prompt": text, "completion": tokenizer.detokenize(ids),
-                        "completion_ids": completion.ids,
-                        "finish_reason": completion.finish_reason})
+        record = {"prompt": text, "completion": tokenizer.detokenize(ids),
+                  "completion_ids": completion.ids, "finish_reason": completion.finish_reason}
+        if completion.logprobs is not None:
+            record["completion_logprobs"] = completion.logprobs
+        records.append(record)
     return records
 
 
@@ -66,7 +68,8 @@ def run(opts) -> None:
         log(f"[generate] skipped {prompts.skipped_empty} empty lines of {prompts.path}")
     ids = tokenize_prompts(tokenizer, prompts, limit)
     pad = tokenizer.pad if tokenizer.pad is not None else 0
-    limits = Limits(opts.max_new_tokens, tokenizer.eod, pad, checkpoint.args.vocab_size)
+    limits = Limits(opts.max_new_tokens, tokenizer.eod, pad, checkpoint.args.vocab_size,
+                    opts.output_logprobs)
     compat.initialize_parallel(opts.tensor_model_parallel_size, 1, seed=opts.seed)
     try:
         model = load_model(checkpoint, opts.tensor_model_parallel_size, opts.precision)

@@ -44,8 +44,10 @@ def assets(tmp_path_factory):
     """A tiny random Llama with a trained tokenizer, converted at TP1 and TP2, and one converted
     without tokenizer files."""
     root = tmp_path_factory.mktemp("generation")
-    tokenizer_dir = train_tiny_tokenizer(str(root / "tokenizer"))
-    bare = save_tiny_llama(str(root / "hf_bare"), vocab_size=512, max_position_embeddings=128)
+    # 300 tokens: 384 embedding rows at TP1, 512 at TP2; sharp attention so positions matter.
+    tokenizer_dir = train_tiny_tokenizer(str(root / "tokenizer"), vocab_size=300)
+    bare = save_tiny_llama(str(root / "hf_bare"), vocab_size=300, max_position_embeddings=128,
+                           qk_scale=10.0)
     hf = str(root / "hf")
     shutil.copytree(bare, hf)
     for name in os.listdir(tokenizer_dir):
@@ -79,18 +81,34 @@ def loaded(assets):
 
 
 def hf_greedy(hf_dir, prompts_ids, tokenizer, new_tokens=NEW_TOKENS):
-    """HF ``generate(do_sample=False)`` of each prompt alone: the new token ids."""
+    """HF ``generate(do_sample=False)`` of each prompt alone: the new token ids, and each new
+    token's log-probability from the logits HF returns for that step (``output_logits``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    completions = []
+    completions, logprobs = [], []
     for ids in prompts_ids:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                                  max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad)
-        completions.append(out[0, len(ids):].tolist())
-    return completions
+                                 eos_token_id=tokenizer.eod, pad_token_id=tokenizer.pad,
+                                 output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[0, len(ids):]
+        completions.append(new.tolist())
+        logprobs.append([torch.log_softmax(step[0].float(), -1)[token].item()
+                         for step, token in zip(out.logits, new)])
+    return SimpleNamespace(ids=completions, logprobs=logprobs)
+
+
+# Per-step log-probabilities, ours against HF's, fp32: cached decoding differs by rounding only.
+LOGPROB_ATOL = 1e-5
+
+
+def assert_logprobs_match(got, expected):
+    assert [len(row) for row in got] == [len(row) for row in expected]
+    for row, reference in zip(got, expected):
+        torch.testing.assert_close(torch.tensor(row), torch.tensor(reference), rtol=0,
+                                   atol=LOGPROB_ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +116,14 @@ def hf_reference(assets, loaded):
     return hf_greedy(assets.hf, loaded.ids, loaded.tokenizer)
 
 
-def run_backend(loaded, name, prompts_ids, params=GREEDY, generator=None, kernels="auto"):
+def run_backend(loaded, name, prompts_ids, params=GREEDY, generator=None, kernels="auto",
+                logprobs=False):
+    """Completion ids (and with ``logprobs`` their log-probabilities) of one batch."""
     backend = build_backend(name, loaded.model, 64, kernels)
-    completions, _ = generate_batch(backend, prompts_ids, params, loaded.limits, generator)
+    limits = replace(loaded.limits, logprobs=logprobs)
+    completions, _ = generate_batch(backend, prompts_ids, params, limits, generator)
+    if logprobs:
+        return [c.ids for c in completions], [c.logprobs for c in completions]
     return [c.ids for c in completions]
 
 
@@ -110,7 +133,10 @@ def run_backend(loaded, name, prompts_ids, params=GREEDY, generator=None, kernel
 @pytest.mark.parametrize("backend", ["mcore", "static", "uncached"])
 def test_greedy_batch_matches_hf_generate_tp1(loaded, hf_reference, backend):
     assert len({len(ids) for ids in loaded.ids}) == len(PROMPTS)  # really different lengths
-    assert run_backend(loaded, backend, loaded.ids) == hf_reference
+    assert run_backend(loaded, backend, loaded.ids) == hf_reference.ids
+    ids, logprobs = run_backend(loaded, backend, loaded.ids, logprobs=True)
+    assert ids == hf_reference.ids  # the logits path (no argmax in the backend) agrees too
+    assert_logprobs_match(logprobs, hf_reference.logprobs)
 
 
 @pytest.mark.parametrize("backend", ["mcore", "static"])
@@ -144,7 +170,7 @@ KV_BACKENDS = {"mcore": lambda model: McoreBackend(model, 64),
 def test_kv_cached_logits_equal_uncached_logits_at_every_step(loaded, backend):
     """Teacher-forced: the same tokens go into both; the logits agree at each step."""
     tokens, valid = left_pad(loaded.ids, loaded.limits.pad_id, torch.device("cpu"))
-    forced = torch.randint(0, 500, (len(PROMPTS), 6))
+    forced = torch.randint(0, loaded.limits.vocab_size, (len(PROMPTS), 6))
     runs = {}
     with torch.no_grad():
         for name, runner in (("uncached", UncachedBackend(loaded.model, 64)),
@@ -253,15 +279,17 @@ def tp2_run(assets, loaded):
     proc = run_torchrun(["-m", "megatron_patch.generate", "--load", assets.tp2, "--input-file",
                          source, "--output-file", output, "--tensor-model-parallel-size", "2",
                          "--top-k", "1", "--max-new-tokens", str(NEW_TOKENS), "--seq-length",
-                         "48", "--micro-batch-size", "2"])
+                         "48", "--micro-batch-size", "2", "--output-logprobs"])
     records = [json.loads(line) for line in open(output, encoding="utf-8")]
     ids = [loaded.tokenizer.tokenize(record["prompt"])[-(48 - NEW_TOKENS):] for record in records]
     return SimpleNamespace(proc=proc, records=records, ids=ids)
 
 
 def test_tp2_greedy_cli_matches_hf_generate(assets, loaded, tp2_run):
-    assert [r["completion_ids"] for r in tp2_run.records] == hf_greedy(assets.hf, tp2_run.ids,
-                                                                       loaded.tokenizer)
+    reference = hf_greedy(assets.hf, tp2_run.ids, loaded.tokenizer)
+    assert [r["completion_ids"] for r in tp2_run.records] == reference.ids
+    assert_logprobs_match([r["completion_logprobs"] for r in tp2_run.records],
+                          reference.logprobs)
     for record in tp2_run.records:
         ids = record["completion_ids"][:-1 if record["finish_reason"] == "eos" else None]
         assert record["completion"] == loaded.tokenizer.detokenize(ids)
@@ -289,7 +317,7 @@ def test_data_parallel_replicas_share_batches_with_the_static_cache(assets, load
                   "--inference-backend", "static"])
     records = [json.loads(line) for line in open(output, encoding="utf-8")]
     assert [r["prompt"] for r in records] == PROMPTS
-    assert [r["completion_ids"] for r in records] == hf_reference
+    assert [r["completion_ids"] for r in records] == hf_reference.ids
 
 
 def run_main(capsys, *argv):
@@ -363,7 +391,7 @@ def test_seed_launcher_end_to_end_on_cpu(assets, hf_reference, tmp_path):
     proc = run_launcher(launcher_args(assets, source, output))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in open(output, encoding="utf-8")]
-    assert [r["completion_ids"] for r in records] == hf_reference
+    assert [r["completion_ids"] for r in records] == hf_reference.ids
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -479,8 +507,10 @@ def test_decode_kernels_match_hf_generate_and_the_eager_cache(loaded, hf_referen
         logits = fast.step(step)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
         step = expected.argmax(-1)
-    for ids, reference in zip(loaded.ids, hf_reference):
-        assert run_backend(loaded, "static", [ids], kernels="on") == [reference]
+    for ids, reference, logprobs in zip(loaded.ids, hf_reference.ids, hf_reference.logprobs):
+        got, got_logprobs = run_backend(loaded, "static", [ids], kernels="on", logprobs=True)
+        assert got == [reference]
+        assert_logprobs_match(got_logprobs, [logprobs])
 
 
 def test_generate_cli_with_decode_kernels_writes_the_mcore_completions(assets, tmp_path, capsys):
@@ -519,6 +549,7 @@ def test_decode_kernels_under_tp2_match_hf_generate(assets, hf_reference):
     run_torchrun(["-m", "megatron_patch.generate", "--load", assets.tp2, "--input-file", source,
                   "--output-file", output, "--tensor-model-parallel-size", "2", "--top-k", "1",
                   "--max-new-tokens", str(NEW_TOKENS), "--inference-backend", "static",
-                  "--decode-kernels", "on"])
+                  "--decode-kernels", "on", "--output-logprobs"])
     records = [json.loads(line) for line in open(output, encoding="utf-8")]
-    assert [r["completion_ids"] for r in records] == hf_reference
+    assert [r["completion_ids"] for r in records] == hf_reference.ids
+    assert_logprobs_match([r["completion_logprobs"] for r in records], hf_reference.logprobs)

@@ -20,12 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m megatron_patch.generate",
         description="Complete prompts with a Megatron checkpoint (KV cache, top-k / top-p "
                     "sampling, tensor parallel under torchrun). Output: JSON lines with "
-                    "prompt, completion, completion_ids, finish_reason.")
+                    "prompt, completion, completion_ids, finish_reason (and "
+                    "completion_logprobs with --output-logprobs).")
     io = parser.add_argument_group("files")
     io.add_argument("--load", required=True, help="Megatron checkpoint (root or iteration dir)")
     io.add_argument("--input-file", required=True,
                     help="one prompt per line, or .jsonl/.json with a 'query' field per line")
     io.add_argument("--output-file", required=True, help="JSON lines, one per prompt")
+    io.add_argument("--output-logprobs", action="store_true",
+                    help="add completion_logprobs: each new token's log-probability under the "
+                         "model (log softmax of its logits over the true vocabulary, before "
+                         "temperature, top-k/p and the repetition penalty)")
     io.add_argument("--tokenizer-path", help="tokenizer directory or model file (default: the "
                                              "checkpoint's tokenizer/)")
     io.add_argument("--tokenizer-type", help="megatron_patch.tokenizers name (default: the "

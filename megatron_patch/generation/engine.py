@@ -68,12 +68,15 @@ class Limits:
     eos_id: Optional[int]     # None: never stop early
     pad_id: int               # fills prompts on the left and finished rows
     vocab_size: int           # the true vocabulary; logits past it are embedding padding
+    logprobs: bool = False    # also return each new token's log-probability under the model
 
 
 @dataclass
 class Completion:
     ids: list[int]            # generated ids, the final EOS included when it stopped there
     finish_reason: str        # "eos" or "length"
+    logprobs: Optional[list[float]] = None  # log p(id) under the model, before sampling's
+                                            # processors (Limits.logprobs)
 
 
 @dataclass
@@ -101,6 +104,12 @@ def agree_across_tensor_parallel(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log softmax over the true vocabulary of the model's logits, at ``tokens``: [batch]."""
+    return torch.log_softmax(logits[:, :vocab_size].float(), dim=-1).gather(
+        1, tokens[:, None])[:, 0]
+
+
 def _synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,15 +130,19 @@ def generate_batch(backend, prompts: list[list[int]], params: SamplingParams, li
                            dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     check_every = STOP_CHECK_EVERY_GPU if device.type == "cuda" else 1
-    # Greedy without a penalty: the backend returns the argmax itself (in the CUDA graph).
-    # Finished rows keep decoding their own argmax; their tokens are replaced by padding.
-    argmax_in_backend = params.greedy and seen is None
+    logprobs = torch.zeros(generated.shape, device=device) if limits.logprobs else None
+    # Greedy without a penalty: the backend returns the argmax itself (in the CUDA graph), unless
+    # the logits are wanted. Finished rows keep decoding their own argmax; their tokens are
+    # replaced by padding.
+    argmax_in_backend = params.greedy and seen is None and logprobs is None
     chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params, generator)
     prefilled, steps = _synchronized_time(device), 0
     for step in range(limits.max_new_tokens):
         chosen = agree_across_tensor_parallel(chosen)
         kept = torch.where(finished, limits.pad_id, chosen)
         generated[:, step] = kept
+        if logprobs is not None:
+            logprobs[:, step] = token_logprobs(logits, chosen, limits.vocab_size)
         if limits.eos_id is not None:
             finished |= kept == limits.eos_id
         if step + 1 == limits.max_new_tokens or (limits.eos_id is not None and (
@@ -144,19 +157,22 @@ def generate_batch(backend, prompts: list[list[int]], params: SamplingParams, li
             chosen = choose_tokens(logits[:, : limits.vocab_size].float(), seen, params,
                                    generator)
         steps += 1
-    completions = trim_completions(generated[:, : step + 1].tolist(), limits.eos_id)
+    completions = trim_completions(generated[:, : step + 1].tolist(), limits.eos_id,
+                                   None if logprobs is None else logprobs[:, : step + 1].tolist())
     done = _synchronized_time(device)
     stats = BatchStats(len(prompts), sum(len(c.ids) for c in completions), prefilled - began,
                        done - prefilled, steps)
     return completions, stats
 
 
-def trim_completions(rows: list[list[int]], eos_id: Optional[int]) -> list[Completion]:
-    """Cut each row after its first EOS (what follows is padding)."""
+def trim_completions(rows: list[list[int]], eos_id: Optional[int],
+                     logprob_rows: Optional[list[list[float]]] = None) -> list[Completion]:
+    """Cut each row (and its log-probabilities) after its first EOS (what follows is
+    padding)."""
     completions = []
-    for ids in rows:
-        if eos_id is not None and eos_id in ids:
-            completions.append(Completion(ids[: ids.index(eos_id) + 1], "eos"))
-        else:
-            completions.append(Completion(ids, "length"))
+    for index, ids in enumerate(rows):
+        stopped = eos_id is not None and eos_id in ids
+        end = ids.index(eos_id) + 1 if stopped else len(ids)
+        logprobs = None if logprob_rows is None else logprob_rows[index][:end]
+        completions.append(Completion(ids[:end], "eos" if stopped else "length", logprobs))
     return completions

@@ -34,7 +34,11 @@ def mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int, padded_vo
         start = padded_columns(logits.shape[-1], vocab_size, padded_vocab_size, tp_rank, tp_size)
         if start < logits.shape[-1]:
             # In place on the padded columns only: the matmul's backward needs its inputs,
-            # not its output, and a full masked copy of [tokens, vocab] would cost a pass.
+            # not its output, and a full masked copy of [tokens, vocab] would cost a pass. A
+            # view (the decode kernels' output) is copied first: autograd forbids writing into
+            # a view made inside a custom function.
+            if logits._is_view():
+                logits = logits.clone()
             logits.narrow(-1, start, logits.shape[-1] - start).fill_(float("-inf"))
         return logits, bias
 
