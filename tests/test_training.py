@@ -251,10 +251,11 @@ def hf_response_loss(hf_dir, records, tokenizer_dir=None) -> float:
     return total / count
 
 
-# Responses of very different lengths, two per micro-batch: the loss is the mean over all
-# response tokens of the global batch, not the mean of per-micro-batch means.
+# Responses of 12, 20, 44 and 84 tokens, two per micro-batch: however they pair up, the two
+# micro-batches hold different numbers of response tokens, so the mean over all response tokens
+# of the global batch (the loss) differs from the mean of per-micro-batch means.
 SFT_RECORDS = [{"instruction": f"Write the number {i} in words.", "input": "",
-                "output": "The number is " + "very " * (6 * i) + f"{i}."} for i in range(4)]
+                "output": "The number is " + "very " * (2 * i * i) + f"{i}."} for i in range(4)]
 
 
 def chat_tokenizer(work, tmp_path) -> str:
