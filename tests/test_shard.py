@@ -93,6 +93,12 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_help_shows_the_whole_description():
+    proc = run_python([SCRIPT, "--help"])
+    assert "``cat *.json > merged; split -l 1000; zstd`` in one streaming step." in \
+        " ".join(proc.stdout.split())
+
+
 def test_toolkit_script_runs(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"".join(lines_of(7)))

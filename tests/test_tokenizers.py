@@ -142,5 +142,9 @@ def test_missing_or_unusable_paths(tmp_path, spm_model):
     with pytest.raises((ValueError, FileNotFoundError), match="empty"):
         build_tokenizer("chatglm", str(empty))
     # A hub id is not a local directory: an error, never a download.
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*nothing is downloaded"):
         build_tokenizer("bloombpe", "bigscience/bloom-560m")
+    # A file (tokenizer.json itself) is named as such, with the directory asked for.
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file, not a directory.*give the directory"):
+        build_tokenizer("llamabpe", str(tmp_path / "tokenizer.json"))

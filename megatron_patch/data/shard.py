@@ -142,7 +142,7 @@ def shard_jsonl(inputs: list[str], output_dir: str, lines_per_shard: int = 1000,
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags."""
-    parser = argparse.ArgumentParser(prog="shard_jsonl.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="shard_jsonl.py", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--input", nargs="+", required=True,
                         help="JSON-lines files (.jsonl/.json, .gz, .zst), directories or globs")
     parser.add_argument("--output-dir", required=True, help="where NNNNN.jsonl[.zst] go")

@@ -17,9 +17,11 @@ from megatron_patch.tokenizers.base import MegatronPatchTokenizer
 def load_hf_tokenizer(path: str, flag: str = "--tokenizer-model"):
     """``AutoTokenizer.from_pretrained(path)`` from local files only, with errors naming ``flag``."""
     if not os.path.isdir(path):
+        what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
         raise FileNotFoundError(
-            f"{flag} {path!r}: no such directory. It must be a local HuggingFace tokenizer "
-            "directory (tokenizer.json and/or tokenizer_config.json); nothing is downloaded.")
+            f"{flag} {path!r} {what}. It must be a local HuggingFace tokenizer directory "
+            "(tokenizer.json and/or tokenizer_config.json; give the directory that holds "
+            "them); nothing is downloaded.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
