@@ -41,7 +41,11 @@ def load_sft_dataset(path: str, tokenizer, length: int, packing: bool):
 
 
 class SFTData:
-    """SFTDataset epochs, reshuffled per epoch, resumable at any sample."""
+    """SFTDataset epochs, reshuffled per epoch, resumable at any sample. A run resumes only
+    from its own --save directory; another run's checkpoint gives it weights (run.py)."""
+
+    RESUMES_OWN_SAVE_ONLY = True
+    add_arguments = staticmethod(sft_arguments)
 
     @staticmethod
     def build_datasets(args, plan):
@@ -57,6 +61,11 @@ class SFTData:
             raise ValueError(f"--train-data {args.train_data}: no sample keeps a response token "
                              f"within {args.seq_length} tokens; raise --seq-length / "
                              f"--max-padding-length")
+        if args.epochs and (args.train_iters or args.train_samples):
+            given = "--train-iters" if args.train_iters and not args.train_samples else \
+                "--train-samples"
+            raise ValueError(f"give --epochs or {given}, not both (both set the length of the "
+                             f"run)")
         if args.train_iters is None and args.epochs:
             args.train_iters = max(1, math.floor(args.epochs * len(train) / args.global_batch_size))
         return train, valid
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
 
     return run_main("python -m megatron_patch.finetune",
                     "Supervised fine-tuning of a megatron_patch family on megatron-core "
-                    "(start it with torchrun).", SFTData, sft_arguments, argv)
+                    "(start it with torchrun).", SFTData, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ class PretrainData:
     """megatron-core GPTDatasets (weighted blends of mmap prefixes, or --mock-data)."""
 
     @staticmethod
+    def add_arguments(parser):
+        from megatron_patch.training.arguments import pretrain_data_arguments
+
+        pretrain_data_arguments(parser)
+
+    @staticmethod
     def build_datasets(args, plan):
         from megatron_patch.training.data import build_pretrain_datasets
 
@@ -44,7 +50,7 @@ def main(argv=None) -> int:
 
     return run_main("python -m megatron_patch.pretrain",
                     "Continued pretraining of a megatron_patch family on megatron-core "
-                    "(start it with torchrun).", PretrainData, argv=argv)
+                    "(start it with torchrun).", PretrainData, argv)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_megatron_lm_llama_script_runs_resumes_and_matches_native_flags(data, tm
 
 
 def parse(*flags):
-    parser = arguments.build_parser("test", "test")
+    parser = arguments.build_parser("test", "test", arguments.pretrain_data_arguments)
     return parser.parse_args(["--micro-batch-size", "1", "--seq-length", "8", "--lr", "1e-3",
                               *flags])
 
@@ -192,6 +192,6 @@ def test_readme_lists_every_megatron_lm_flag_with_its_status():
     rows = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| ([a-z ()]+) \|", readme, re.MULTILINE))
     table = {flag: status for flag, status, _ in megatron_lm.flag_table()}
     assert rows == table
-    parser = arguments.build_parser("test", "test")
+    parser = arguments.build_parser("test", "test", arguments.pretrain_data_arguments)
     accepted = {s for action in parser._actions for s in action.option_strings}
     assert set(table) <= accepted  # every row is a flag the trainer parses

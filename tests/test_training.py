@@ -25,7 +25,7 @@ def work(tmp_path_factory):
     # 300 tokens: the embedding pads to 384 rows at TP1 and 512 at TP2, so every comparison
     # across layouts (and with HF) also proves that padded rows take no probability.
     tok = train_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
-    hf = save_tiny_llama(str(root / "hf"), vocab_size=VOCAB)
+    hf = save_tiny_llama(str(root / "hf"), vocab_size=VOCAB, max_position_embeddings=512)
     for name in os.listdir(tok):
         shutil.copy(os.path.join(tok, name), hf)
     engine.convert_hf_to_megatron(hf, str(root / "mg"), progress=False)
@@ -45,8 +45,8 @@ def pretrain_args(work, metrics, *extra, iters=ITERS):
     return ["--load", str(work / "mg"), "--data-path", str(work / "data_text_document"),
             "--data-cache-path", str(work / "cache"), "--micro-batch-size", "2",
             "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-3",
-            "--train-iters", str(iters), "--eval-iters", "0", "--log-interval", "1",
-            "--metrics-file", str(metrics), *extra]
+            *(["--train-iters", str(iters)] if iters else []), "--eval-iters", "0",
+            "--log-interval", "1", "--metrics-file", str(metrics), *extra]
 
 
 def losses(metrics):
@@ -66,6 +66,11 @@ def reference(work):
     return losses(work / "reference.jsonl")
 
 
+def iterations(metrics):
+    """The training rows' iterations, in file order."""
+    return [r["iteration"] for r in map(json.loads, open(metrics)) if "lm_loss" in r]
+
+
 def latest(path):
     return open(os.path.join(path, "latest_checkpointed_iteration.txt")).read().strip()
 
@@ -79,6 +84,10 @@ def test_stop_and_resume_is_bit_identical(work, reference, tmp_path):
     resumed = losses(metrics)
     assert sorted(resumed) == list(range(1, ITERS + 1))
     assert resumed == reference  # every iteration, bit for bit
+    again = run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, metrics),
+                        "--load", str(ckpt), "--save", str(ckpt)]).stdout
+    assert f"at iteration {ITERS} (" in again and "nothing is left to train" in again
+    assert iterations(metrics) == list(range(1, ITERS + 1))
 
 
 def crash_and_resume(work, tmp_path, mode: str, when: int, between=lambda ckpt: None):
@@ -96,9 +105,11 @@ def crash_and_resume(work, tmp_path, mode: str, when: int, between=lambda ckpt: 
 
 def test_resume_after_kill_9_between_saves(work, reference, tmp_path):
     _, resumed = crash_and_resume(work, tmp_path, "--die-after-iteration", 3)
-    # iterations 1..3 from the crashed run, 3..6 from the resumed one
+    # iterations 1..2 from the crashed run, 3..6 from the resumed one; the crashed run's
+    # iteration 3 (after its last save) is gone from the metrics file
     assert {i: resumed[i] for i in range(3, ITERS + 1)} == \
         {i: reference[i] for i in range(3, ITERS + 1)}
+    assert iterations(tmp_path / "m.jsonl") == list(range(1, ITERS + 1))
 
 
 def test_crash_while_saving_keeps_the_last_good_checkpoint(work, reference, tmp_path):
@@ -314,6 +325,58 @@ def test_tied_embeddings_train_the_same_under_pp2_and_tp2(work, tied, tmp_path, 
         assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
 
 
+def test_sft_from_a_pretraining_run_starts_a_new_schedule_and_resumes_its_own(work, tmp_path):
+    pre = tmp_path / "pre"
+    pretrain(work, tmp_path / "pre.jsonl", "--save", str(pre), "--lr", "1e-2", "--min-lr",
+             "1e-4", iters=2)
+    (tmp_path / "sft.json").write_text(json.dumps(SFT_RECORDS))
+    sft = ["-m", "megatron_patch.finetune", "--train-data", str(tmp_path / "sft.json"),
+           "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "256",
+           "--lr", "1e-3", "--lr-decay-style", "constant", "--eval-iters", "0",
+           "--metrics-file", str(tmp_path / "sft.jsonl"), "--save", str(tmp_path / "sft")]
+    first = run_python([*sft, "--load", str(pre), "--train-iters", "2"]).stdout
+    assert first.splitlines()[0] == (
+        f"[megatron_patch] starting SFT from the weights of {pre} (iteration 2 of another run): "
+        f"a new schedule and optimizer from iteration 0 (an SFT run resumes only from its own "
+        f"--save directory)")
+    rows = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    assert [(r["iteration"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3)]
+    second = run_python([*sft, "--load", str(tmp_path / "sft"), "--train-iters", "3"]).stdout
+    assert second.splitlines()[0] == f"[megatron_patch] resuming {tmp_path / 'sft'} at iteration 2"
+    assert iterations(tmp_path / "sft.jsonl") == [1, 2, 3]
+
+
+def test_metrics_file_describes_the_run_that_exists(tmp_path):
+    from megatron_patch.training.metrics import prepare_metrics_file
+
+    path = tmp_path / "m.jsonl"
+    rows = [json.dumps({"iteration": i, "lm_loss": 1.0}) + "\n" for i in range(1, 6)]
+    path.write_text("".join(rows) + '{"iteration": 6, "lm_l')  # cut short by a crash
+    assert prepare_metrics_file(str(path), 3) == (
+        f"--metrics-file {path}: dropped 3 rows after iteration 3 (from the run before this "
+        f"resume)")
+    assert path.read_text() == "".join(rows[:3])
+    assert prepare_metrics_file(str(path), 3) is None  # nothing to drop
+    assert "started anew (it held 3 rows" in prepare_metrics_file(str(path), 0)
+    assert path.read_text() == ""
+
+
+def test_a_window_of_skipped_iterations_says_so_instead_of_a_nan_loss(capsys):
+    from types import SimpleNamespace
+
+    from megatron_patch.families.base import ModelArgs
+    from megatron_patch.training.metrics import TrainingLogger
+
+    args = SimpleNamespace(global_batch_size=4, seq_length=8, metrics_file=None,
+                           tensorboard_dir=None, log_interval=2, train_iters=10)
+    logger = TrainingLogger(args, ModelArgs("llama", 2, 64, 160, 4), 384, 1, True)
+    for iteration in (1, 2):  # fp16 backing off from its initial loss scale
+        logger.record(iteration, 0.1, 5.7, 1e-3, None, 2.0 ** (33 - iteration), True, 4)
+    line = capsys.readouterr().out
+    assert "lm loss: - (every iteration skipped: the gradients overflowed" in line
+    assert "NAN" not in line.upper() and "number of skipped iterations:   2" in line
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -327,9 +390,37 @@ def test_tied_embeddings_train_the_same_under_pp2_and_tp2(work, tied, tmp_path, 
     (["--save", "/proc/ckpt"], "--save /proc/ckpt: cannot create it"),
     (["--load", os.path.join(REPO, "examples")], "--load: " + os.path.join(REPO, "examples")
      + ": not a Megatron checkpoint"),
+    (["--extra-vocab-size", "128"], "--extra-vocab-size 128 differs from the --load "
+                                    "checkpoint's 0 (its embedding has 384 rows)"),
+    (["--make-vocab-size-divisible-by", "64"], "--make-vocab-size-divisible-by 64 differs "
+                                               "from the --load checkpoint's 128"),
+    (["--seq-length", "1024"], "--seq-length 1024 is longer than the model's "
+                               "max_position_embeddings 512"),
+    (["--train-tokens", "100"],  # instead of --train-iters
+     "--train-tokens 100 is less than one global batch (4 x 64 = 256 tokens)"),
 ])
 def test_bad_flags_fail_with_a_clear_message(work, tmp_path, extra, message):
-    proc = run_python(["-m", "megatron_patch.pretrain", *pretrain_args(work, tmp_path / "m"),
-                       *extra], check=False)
+    iters = None if "--train-tokens" in extra else ITERS
+    proc = run_python(["-m", "megatron_patch.pretrain",
+                       *pretrain_args(work, tmp_path / "m", iters=iters), *extra], check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_under_torchrun_an_error_is_printed_once(work, tmp_path):
+    proc = run_torchrun(["-m", "megatron_patch.pretrain", *pretrain_args(work, tmp_path / "m"),
+                         "--global-batch-size", "3"], check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --global-batch-size 3 is not a multiple") == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--epochs", "1", "--train-iters", "2"], "give --epochs or --train-iters, not both"),
+    (["--epochs", "1", "--data-path", "x"], "unrecognized arguments: --data-path x"),
+])
+def test_finetune_refuses_what_it_would_ignore(work, tmp_path, extra, message):
+    (tmp_path / "sft.json").write_text(json.dumps(SFT_RECORDS))
+    proc = run_python(["-m", "megatron_patch.finetune", "--load", str(work / "mg"),
+                       "--train-data", str(tmp_path / "sft.json"), "--micro-batch-size", "2",
+                       "--seq-length", "256", "--lr", "1e-3", *extra], check=False)
+    assert proc.returncode == 2 and message in proc.stderr

@@ -158,13 +158,18 @@ def _training(parser):
 
 
 def _data(parser):
-    g = parser.add_argument_group("data")
+    g = parser.add_argument_group("data loading")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def pretrain_data_arguments(parser) -> None:
+    """The mmap datasets of ``pretrain`` (finetune reads --train-data/--valid-data instead)."""
+    g = parser.add_argument_group("pretraining data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="mmap prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'")
     g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     g.add_argument("--data-cache-path", help="where GPTDataset index caches go")
     g.add_argument("--mock-data", action="store_true", help="random tokens (benchmarks)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--eod-mask-loss", action="store_true",
                    help="no loss on end-of-document tokens")
     g.add_argument("--reset-position-ids", action="store_true",
@@ -254,6 +259,10 @@ def _refuse_mix(args, kind: str, flags: tuple[str, ...]) -> None:
 
 def _finalize_schedule(args) -> None:
     tokens_per_iter = args.global_batch_size * args.seq_length
+    if args.train_tokens is not None and args.train_tokens < tokens_per_iter:
+        raise ValueError(f"--train-tokens {args.train_tokens} is less than one global batch "
+                         f"({args.global_batch_size} x {args.seq_length} = {tokens_per_iter} "
+                         f"tokens)")
     if args.train_tokens:
         args.train_iters = max(1, math.ceil(args.train_tokens / tokens_per_iter))
     if args.warmup_tokens:

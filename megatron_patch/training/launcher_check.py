@@ -122,6 +122,10 @@ def _check_pretrain_values(values: dict) -> None:
     if values["GLOBAL_BATCH_SIZE"] % values["BATCH_SIZE"]:
         raise LauncherError(f"GLOBAL_BATCH_SIZE ({values['GLOBAL_BATCH_SIZE']}) must be a "
                             f"multiple of BATCH_SIZE ({values['BATCH_SIZE']})")
+    batch_tokens = values["GLOBAL_BATCH_SIZE"] * values["SEQ_LEN"]
+    if values["TRAIN_TOKENS"] < batch_tokens:
+        raise LauncherError(f"TRAIN_TOKENS ({values['TRAIN_TOKENS']}) is less than one global "
+                            f"batch (GLOBAL_BATCH_SIZE x SEQ_LEN = {batch_tokens} tokens)")
     if values["WARMUP_TOKENS"] > values["TRAIN_TOKENS"]:
         raise LauncherError(f"WARMUP_TOKENS ({values['WARMUP_TOKENS']}) must not exceed "
                             f"TRAIN_TOKENS ({values['TRAIN_TOKENS']})")

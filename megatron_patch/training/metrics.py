@@ -94,7 +94,9 @@ class TrainingLogger:
                 f" | consumed tokens: {last['consumed_tokens']:14d} | elapsed time per "
                 f"iteration (ms): {seconds * 1000:.1f} | learning rate: {last['lr']:.6E} | "
                 f"global batch size: {self.args.global_batch_size:5d} | lm loss: "
-                f"{(sum(losses) / len(losses)) if losses else float('nan'):.6E} | ")
+                + (f"{sum(losses) / len(losses):.6E} | " if losses else
+                   f"- (every iteration skipped: the gradients overflowed, so the loss scale "
+                   f"backs off) | "))
         if norms:
             line += f"grad norm: {sum(norms) / len(norms):.3f} | "
         line += (f"loss scale: {last['loss_scale']:.1f} | number of skipped iterations: "
@@ -128,6 +130,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def ensure_parent(path: str | None) -> None:
-    if path and os.path.dirname(path):
+def _iteration_of(line: str) -> int | None:
+    """A row's iteration; None for a line cut short by a crash mid-write."""
+    try:
+        return int(json.loads(line).get("iteration"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def prepare_metrics_file(path: str, iteration: int) -> str | None:
+    """Make ``path`` describe the run that exists before the run appends to it: after a resume
+    at ``iteration`` the rows past it (the iterations the resume threw away) go; a run from
+    iteration 0 starts the file anew. Rewritten through a temporary file, so a crash leaves the
+    old file or the new one. Returns a note for the log, or None."""
+    if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if iteration and _iteration_of(line) is not None
+            and _iteration_of(line) <= iteration]
+    if len(kept) == len(lines):
+        return None
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+    os.replace(tmp, path)
+    if iteration:
+        return (f"--metrics-file {path}: dropped {len(lines) - len(kept)} rows after iteration "
+                f"{iteration} (from the run before this resume)")
+    return f"--metrics-file {path}: started anew (it held {len(lines)} rows of an earlier run)"

@@ -144,6 +144,29 @@ def _flag_vocab_size(args, tokenizer) -> int | None:
     return args.vocab_size + (args.tokenizer_type == "NullTokenizer")
 
 
+def _vocab_padding_flag(args, meta, name: str, default: int) -> int:
+    """--extra-vocab-size / --make-vocab-size-divisible-by: the --load checkpoint decides its
+    embedding's rows, so a different value is an error naming both (a new size needs a
+    conversion with that flag)."""
+    given, stored = getattr(args, name), (meta or {}).get(name)
+    if meta is not None and given is not None and given != stored:
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {given} differs from the --load checkpoint's {stored} (its "
+                         f"embedding has {meta['padded_vocab_size']} rows); pass {stored}, or "
+                         f"convert the checkpoint again with {flag} {given}")
+    return given if given is not None else stored if stored is not None else default
+
+
+def check_sequence_length(args, model_args) -> None:
+    """Megatron-LM's rule: --seq-length fits the model's max_position_embeddings."""
+    if args.seq_length > model_args.max_position_embeddings:
+        flag = "--max-padding-length" if getattr(args, "max_padding_length", None) else \
+            "--seq-length"
+        raise ValueError(f"{flag} {args.seq_length} is longer than the model's "
+                         f"max_position_embeddings {model_args.max_position_embeddings}; "
+                         f"shorten it (Megatron-LM refuses it too)")
+
+
 def plan_model(args) -> ModelPlan:
     """Resolve family, shape, tokenizer and vocabulary for this run."""
     meta, root = _source_metadata(args.load)
@@ -161,10 +184,8 @@ def plan_model(args) -> ModelPlan:
     if tokenizer is not None and tokenizer.vocab_size > model_args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {model_args.vocab_size}")
-    extra = args.extra_vocab_size if args.extra_vocab_size is not None else \
-        (meta or {}).get("extra_vocab_size", 0)
-    divisible = args.make_vocab_size_divisible_by or (meta or {}).get(
-        "make_vocab_size_divisible_by", 128)
+    extra = _vocab_padding_flag(args, meta, "extra_vocab_size", 0)
+    divisible = _vocab_padding_flag(args, meta, "make_vocab_size_divisible_by", 128)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     model_args.validate_parallel(tp, pp)
     padded = max(padded_vocab_size(model_args.vocab_size, divisible, tp, extra),

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron_patch import compat
 from megatron_patch.training import arguments, checkpointing, model_setup
 from megatron_patch.training.loop import configure_model, run_training
-from megatron_patch.training.metrics import TrainingLogger, ensure_parent
+from megatron_patch.training.metrics import TrainingLogger, prepare_metrics_file
 
 
 def _banner(args, plan, rank: int) -> None:
@@ -66,6 +66,35 @@ def _fresh_start(args, rank: int) -> None:
         args.load = None
 
 
+def _starting_point(args, data) -> str:
+    """How this run starts, said in its first line. An SFT run (``data.RESUMES_OWN_SAVE_ONLY``)
+    from another run's trained checkpoint takes only its weights: a new schedule from iteration
+    0, as the seed's launcher asks with --finetune; it resumes only from its own --save."""
+    from megatron_patch.convert import megatron_io as mio
+    from megatron_patch.convert.io_utils import CheckpointError
+
+    if not args.load:
+        return f"starting from random weights (--seed {args.seed})"
+    try:
+        _, iter_dir = mio.resolve_checkpoint(args.load)
+    except CheckpointError as err:
+        raise CheckpointError(f"--load: {err}") from err
+    name = os.path.basename(iter_dir)
+    if name == "release":
+        return f"starting from the weights of {args.load} (a converted checkpoint)"
+    iteration = int(name.rpartition("_")[2])
+    own = args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
+    if getattr(data, "RESUMES_OWN_SAVE_ONLY", False) and not own and not args.finetune:
+        args.finetune = True
+        return (f"starting SFT from the weights of {args.load} (iteration {iteration} of another "
+                f"run): a new schedule and optimizer from iteration 0 (an SFT run resumes only "
+                f"from its own --save directory)")
+    if args.finetune:
+        return (f"starting from the weights of {args.load} (iteration {iteration}; --finetune: "
+                f"a new schedule and optimizer from iteration 0)")
+    return f"resuming {args.load} at iteration {iteration}"
+
+
 def setup(args, data):
     """Parallel state, datasets, model, optimizer, and the loaded state. -> dict of pieces."""
     compat.initialize_parallel(args.tensor_model_parallel_size,
@@ -73,13 +102,17 @@ def setup(args, data):
                                timeout_minutes=args.distributed_timeout_minutes)
     arguments.finalize(args, dist.get_world_size())
     _fresh_start(args, dist.get_rank())
+    start = _starting_point(args, data)
+    if dist.get_rank() == 0:
+        print(f"[megatron_patch] {start}", flush=True)
     _check_save_dir(args.save)
     from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
     init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size,
                                      args.micro_batch_size, args.data_parallel_size)
     plan = model_setup.plan_model(args)
-    datasets = data.build_datasets(args, plan)  # may set --train-iters (epochs)
+    datasets = data.build_datasets(args, plan)  # may set --train-iters (epochs), seq length
+    model_setup.check_sequence_length(args, plan.model_args)
     if args.train_iters is None:
         raise ValueError("give --train-iters or --train-tokens (or --epochs for finetune)")
     _banner(args, plan, dist.get_rank())
@@ -106,17 +139,25 @@ def train(args, data) -> int:
     try:
         parts = setup(args, data)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank has the same error
+            print(f"error: {err}", file=sys.stderr)
         return 2
     plan, state = parts["plan"], parts["state"]
     if state["iteration"] and dist.get_rank() == 0:
+        done = state["iteration"] >= args.train_iters
         print(f"[megatron_patch] resumed from {args.load} at iteration {state['iteration']} "
-              f"({state['consumed_train_samples']} samples consumed)", flush=True)
+              f"({state['consumed_train_samples']} samples consumed)"
+              + (f": that is --train-iters {args.train_iters}, nothing is left to train"
+                 if done else ""), flush=True)
     train_iter, make_valid_iter = data.make_iterators(args, parts["datasets"],
                                                       state["consumed_train_samples"])
-    ensure_parent(args.metrics_file)
+    reporting = dist.get_rank() == dist.get_world_size() - 1
+    if reporting and args.metrics_file:
+        note = prepare_metrics_file(args.metrics_file, state["iteration"])
+        if note:
+            print(f"[megatron_patch] {note}", flush=True)
     logger = TrainingLogger(args, plan.model_args, plan.padded_vocab_size,
-                            dist.get_world_size(), dist.get_rank() == dist.get_world_size() - 1)
+                            dist.get_world_size(), reporting)
 
     def save(iteration):
         checkpointing.save_checkpoint(args, iteration, parts["model"], parts["optimizer"],
@@ -133,8 +174,9 @@ def train(args, data) -> int:
     return 0
 
 
-def main(prog: str, description: str, data, extra_args=None, argv=None) -> int:
-    parser = arguments.build_parser(prog, description, extra_args)
+def main(prog: str, description: str, data, argv=None) -> int:
+    """``data`` also adds its own flags (``data.add_arguments(parser)``)."""
+    parser = arguments.build_parser(prog, description, data.add_arguments)
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     return train(args, data)
