@@ -65,6 +65,20 @@ def require_megatron_core():
     return mcore
 
 
+def exit_unless_supported() -> None:
+    """A command line's first step: one line on stderr and exit status 2 when megatron-core is
+    missing or outside the tested range (under torchrun from global rank 0 only), instead of
+    tracebacks per rank or an ImportError deep in megatron-core's modules."""
+    import sys
+
+    try:
+        require_megatron_core()
+    except UnsupportedMegatronCore as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def optional_accelerators() -> dict[str, bool]:
     """Which optional packages are importable. None is required: megatron_patch's own path
     (torch SDPA, torch.compile, its norms) runs without them; megatron-core uses apex's fused

@@ -30,6 +30,31 @@ def test_megatron_path_with_megatron_core_goes_first(tmp_path):
     assert "site-packages" in proc.stdout
 
 
+def old_checkout(tmp_path) -> str:
+    """A Megatron-LM checkout whose megatron-core says 0.12.0."""
+    fake = tmp_path / "Megatron-LM" / "megatron" / "core"
+    fake.mkdir(parents=True)
+    (fake.parent / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("__version__ = '0.12.0'\n")
+    return str(tmp_path / "Megatron-LM")
+
+
+TRAINING = ["--micro-batch-size", "1", "--seq-length", "8", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "megatron_patch.pretrain", *TRAINING],
+    ["-m", "megatron_patch.finetune", *TRAINING, "--train-data", "x.json"],
+], ids=["pretrain", "finetune"])
+def test_an_unsupported_megatron_core_is_one_line_and_exit_2(tmp_path, argv):
+    proc = run_python(argv, env={"MEGATRON_PATH": old_checkout(tmp_path)}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: megatron-core 0.12.0 from {tmp_path}/Megatron-LM/megatron/core is not "
+        f"supported: megatron_patch is tested with {compat.SUPPORTED_TEXT}. Install that range, "
+        f"point MEGATRON_PATH at a matching checkout, or set {compat.ALLOW_ENV}=1 to try anyway."]
+
+
 @pytest.fixture(scope="module")
 def parallel():
     compat.initialize_parallel(1, 1, seed=3)

@@ -143,6 +143,18 @@ def test_wrong_values_name_the_argument(tiny, tmp_path, kind, changes, message):
         launcher_check.plan(kind, "llama", args)
 
 
+def test_launcher_refuses_an_unsupported_megatron_core_once(tiny, tmp_path):
+    checkout = tmp_path / "Megatron-LM"
+    (checkout / "megatron" / "core").mkdir(parents=True)
+    (checkout / "megatron" / "__init__.py").write_text("")
+    (checkout / "megatron" / "core" / "__init__.py").write_text("__version__ = '0.12.0'\n")
+    proc = launch(PRETRAIN, pretrain_args(tiny, MEGATRON_PATH=str(checkout), TP="2",
+                                          OUTPUT_BASEPATH=str(tmp_path / "out")))
+    assert proc.returncode == 2 and "usage: run_" in proc.stderr
+    assert proc.stderr.count("error: megatron-core 0.12.0 from") == 1
+    assert "Traceback" not in proc.stderr and "torch.distributed.run" not in proc.stdout
+
+
 @pytest.mark.parametrize("script, args, env, message", [
     (PRETRAIN, ["dsw", "none"], {}, "error: expected 23 arguments, got 2"),
     (FINETUNE, ["dsw"] * 23, {}, "error: expected 22 arguments, got 23"),

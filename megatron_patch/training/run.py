@@ -178,5 +178,6 @@ def main(prog: str, description: str, data, argv=None) -> int:
     """``data`` also adds its own flags (``data.add_arguments(parser)``)."""
     parser = arguments.build_parser(prog, description, data.add_arguments)
     args = parser.parse_args(argv)
+    compat.exit_unless_supported()
     torch.backends.cuda.matmul.allow_tf32 = True
     return train(args, data)
