@@ -87,6 +87,35 @@ def test_reshard_tp2_to_tp1_then_hf_is_bit_identical(hf_model, tmp_path):
     assert_bit_identical(hf_dir, tmp_path / "back")
 
 
+def test_reshard_keeps_the_source_layout_where_no_target_flag_is_given(tmp_path, capsys):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), vocab_size=250)
+    to_megatron(hf_dir, tmp_path / "pp2", pp=2, extra_vocab_size=20,
+                make_vocab_size_divisible_by=16)
+    assert convert_main(["--load", str(tmp_path / "pp2"), "--save", str(tmp_path / "tp2"),
+                         "--target-tensor-model-parallel-size", "2", "--no-progress"]) == 0
+    assert "(TP=2, PP=2, torch)" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "tp2" / "release")) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    meta = json.load(open(tmp_path / "tp2" / "megatron_patch.json"))
+    assert (meta["extra_vocab_size"], meta["make_vocab_size_divisible_by"]) == (20, 16)
+    assert meta["padded_vocab_size"] == 288  # 250 + 20 rounded up to 16 x 2
+    engine.convert_megatron_to_hf(str(tmp_path / "tp2"), str(tmp_path / "back"), progress=False)
+    assert_bit_identical(hf_dir, tmp_path / "back")
+
+
+def test_help_shows_every_default():
+    from megatron_patch.convert.__main__ import build_parser
+
+    text = build_parser().format_help()
+    options = {block.split()[0]: " ".join(block.split())
+               for block in text.split("\n  -")[1:]}  # one block per option
+    for flag in ("-target-tensor-model-parallel-size", "-target-pipeline-model-parallel-size",
+                 "-extra-vocab-size", "-make-vocab-size-divisible-by"):
+        assert "the source's when resharding a Megatron --load" in options[flag], flag
+    assert "(default: torch)" in options["-ckpt-format"]
+    assert "(default: None)" not in text
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_logits_match_hf(hf_model, tmp_path, tp, pp):
     _, hf_dir = hf_model

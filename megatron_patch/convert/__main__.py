@@ -5,7 +5,7 @@
         --target-tensor-model-parallel-size 2 --target-pipeline-model-parallel-size 2
     # Megatron (any layout) -> HF
     python -m megatron_patch.convert --megatron-to-hf --load mg_dir --save hf_dir
-    # Megatron -> Megatron at another layout
+    # Megatron -> Megatron at another layout (what is not given keeps the source's: here PP)
     python -m megatron_patch.convert --load mg_dir --save mg_tp1 --target-tensor-model-parallel-size 1
 """
 from __future__ import annotations
@@ -16,6 +16,19 @@ import sys
 import time
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help text already says it (the flags whose
+    default depends on the source) and where there is none to show (required flags, switches)."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or "") or action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+SOURCE_DEFAULT = "default: {hf} from an HF --load; the source's when resharding a Megatron --load"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_patch.convert",
@@ -23,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "layouts, losslessly, at any tensor/pipeline-parallel size. The direction "
                     "is HF->Megatron unless --megatron-to-hf is given; a Megatron --load with "
                     "no --megatron-to-hf reshards it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--load", required=True,
                         help="source: an HF directory (config.json + safetensors) or a Megatron "
                              "checkpoint (root or its release/iter_* directory)")
@@ -34,11 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's metadata. Must match them when given.")
     parser.add_argument("--megatron-to-hf", action="store_true",
                         help="convert a Megatron checkpoint back to HF")
-    parser.add_argument("--target-tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--extra-vocab-size", type=int, default=0,
-                        help="extra embedding rows for tokens added later (padded with zeros)")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--target-tensor-model-parallel-size", type=int, metavar="N", default=None,
+                        help="tensor-parallel size written; " + SOURCE_DEFAULT.format(hf=1))
+    parser.add_argument("--target-pipeline-model-parallel-size", type=int, metavar="N", default=None,
+                        help="pipeline-parallel size written; " + SOURCE_DEFAULT.format(hf=1))
+    parser.add_argument("--extra-vocab-size", type=int, metavar="N", default=None,
+                        help="extra embedding rows for tokens added later (padded with zeros); "
+                             + SOURCE_DEFAULT.format(hf=0))
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N", default=None,
+                        help="embedding rows are padded to a multiple of this x TP; "
+                             + SOURCE_DEFAULT.format(hf=128))
     parser.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
                         help="torch: Megatron-LM's mp_rank_* files; torch_dist: a megatron-core "
                              "distributed checkpoint (reshardable at load time)")
@@ -66,12 +84,10 @@ def main(argv=None) -> int:
             what = "megatron -> hf"
         elif os.path.isfile(os.path.join(args.load, "config.json")):
             meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
-            what = (f"hf -> megatron (TP={target.tensor_parallel}, PP={target.pipeline_parallel},"
-                    f" {target.ckpt_format})")
+            what = f"hf -> megatron ({_layout(meta)})"
         else:
             meta = engine.reshard_megatron(args.load, args.save, target, **common)
-            what = (f"megatron -> megatron (TP={target.tensor_parallel}, "
-                    f"PP={target.pipeline_parallel}, {target.ckpt_format})")
+            what = f"megatron -> megatron ({_layout(meta)})"
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -80,6 +96,11 @@ def main(argv=None) -> int:
           f"{m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}) "
           f"in {time.time() - start:.1f}s -> {os.path.abspath(args.save)}")
     return 0
+
+
+def _layout(meta: dict) -> str:
+    return (f"TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}, "
+            f"{meta['ckpt_format']}")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,32 @@ TOKENIZER_DIR = "tokenizer"
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What to write on the Megatron side."""
+    """What to write on the Megatron side. A field left ``None`` keeps the source's value when
+    a Megatron checkpoint is resharded, and takes :data:`HF_DEFAULTS` when converting from HF."""
 
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    extra_vocab_size: int = 0
-    make_vocab_size_divisible_by: int = 128
+    tensor_parallel: int | None = None
+    pipeline_parallel: int | None = None
+    extra_vocab_size: int | None = None
+    make_vocab_size_divisible_by: int | None = None
     ckpt_format: str = "torch"
+
+    def filled(self, defaults: dict) -> "Target":
+        """This target with its ``None`` fields taken from ``defaults``."""
+        return dataclasses.replace(self, **{key: value for key, value in defaults.items()
+                                            if getattr(self, key) is None})
+
+
+# Megatron-LM's defaults (--make-vocab-size-divisible-by 128) and the seed's (no extra rows).
+HF_DEFAULTS = dict(tensor_parallel=1, pipeline_parallel=1, extra_vocab_size=0,
+                   make_vocab_size_divisible_by=128)
+
+
+def source_layout(meta: dict) -> dict:
+    """The :class:`Target` fields a Megatron checkpoint was written with."""
+    return dict(tensor_parallel=meta["tensor_model_parallel_size"],
+                pipeline_parallel=meta["pipeline_model_parallel_size"],
+                extra_vocab_size=meta.get("extra_vocab_size", 0),
+                make_vocab_size_divisible_by=meta.get("make_vocab_size_divisible_by", 128))
 
 
 def dims_for(args: ModelArgs, padded: int) -> Dims:
@@ -67,6 +86,7 @@ def stage_bindings(family: Family, args: ModelArgs, pp: int, stage: int) -> list
 def build_metadata(family: Family, args: ModelArgs, target: Target, hf_config: dict | None,
                    tokenizer: bool) -> dict:
     """What a Megatron checkpoint needs to be read back (and converted back) on its own."""
+    target = target.filled(HF_DEFAULTS)
     padded = padded_vocab_size(args.vocab_size, target.make_vocab_size_divisible_by,
                                target.tensor_parallel, target.extra_vocab_size)
     return {
@@ -164,7 +184,9 @@ def resolve_hf_family(hf_config: dict, path: str, family_name: str | None) -> Fa
 def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
                            target: Target = Target(), progress: bool = True,
                            overwrite: bool = False) -> dict:
-    """HF checkpoint directory -> Megatron checkpoint at ``target``'s layout. Returns metadata."""
+    """HF checkpoint directory -> Megatron checkpoint at ``target``'s layout (unset fields:
+    :data:`HF_DEFAULTS`). Returns metadata."""
+    target = target.filled(HF_DEFAULTS)
     hf_config = read_hf_config(load)  # the family and layout are checked before the weights
     family = resolve_hf_family(hf_config, load, family_name)
     args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
@@ -270,8 +292,10 @@ def hf_config_for(family: Family, args: ModelArgs, meta: dict) -> dict:
 
 def reshard_megatron(load: str, save: str, target: Target, family_name: str | None = None,
                      progress: bool = True, overwrite: bool = False) -> dict:
-    """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding)."""
+    """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding); the
+    fields ``target`` leaves unset keep the source's values."""
     reader, family, args, src_meta = open_megatron(load, family_name)
+    target = target.filled(source_layout(src_meta))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     with atomic_directory(save, overwrite) as root:
         tokenizer_src = os.path.join(reader.root, TOKENIZER_DIR)
