@@ -553,3 +553,23 @@ def test_decode_kernels_under_tp2_match_hf_generate(assets, hf_reference):
     records = [json.loads(line) for line in open(output, encoding="utf-8")]
     assert [r["completion_ids"] for r in records] == hf_reference.ids
     assert_logprobs_match([r["completion_logprobs"] for r in records], hf_reference.logprobs)
+
+
+# --------------------------------------------------------------------------- CPU-only backends
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")
+@pytest.mark.parametrize("backend", ["graph", "graph-compiled"])
+def test_a_gpu_backend_on_the_cpu_names_the_backend_asked_for(loaded, capsys, backend):
+    from megatron_patch.generation.cuda_graphs import GraphBackend
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(capsys, "--load", "ckpt", "--input-file", "in", "--output-file", "out",
+                 "--inference-backend", backend)
+    assert exit_info.value.code == 2
+    assert f"--inference-backend {backend} needs a GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"--inference-backend {backend} needs a GPU"):
+        build_backend(backend, loaded.model, 64)
+    compile_mode = "default" if backend == "graph-compiled" else None
+    with pytest.raises(ValueError, match=f"the '{backend}' backend needs a GPU"):
+        GraphBackend(loaded.model, 64, compile_mode=compile_mode)

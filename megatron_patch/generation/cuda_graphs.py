@@ -53,8 +53,9 @@ class GraphBackend(StaticBackend):
     def __init__(self, model, max_length: int, compile_mode: Optional[str] = None,
                  window_bucket: int = WINDOW_BUCKET, kernels: bool = False):
         if not torch.cuda.is_available():
-            raise ValueError("the 'graph' backend needs a GPU; use --inference-backend static "
-                             "(the same math, eager) or mcore")
+            name = "graph-compiled" if compile_mode else "graph"  # the one asked for
+            raise ValueError(f"the {name!r} backend needs a GPU; use --inference-backend "
+                             f"static (the same math, eager) or mcore")
         super().__init__(model, max_length, window_bucket, kernels)
         # (window, vocab size of the in-graph argmax or None) -> (graph, its output)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

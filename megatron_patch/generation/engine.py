@@ -31,6 +31,7 @@ BACKENDS = {
     "graph-compiled": functools.partial(GraphBackend, compile_mode="default"),
     "uncached": UncachedBackend,    # reference: re-run the whole sequence each step
 }
+GPU_BACKENDS = ("graph", "graph-compiled")
 # On a GPU a stop check (a device -> host copy) every step would stall the launch queue.
 STOP_CHECK_EVERY_GPU = 8
 
@@ -42,6 +43,9 @@ def backend_name(name: str, device: torch.device, tensor_parallel: int) -> str:
     if name not in BACKENDS:
         raise ValueError(f"--inference-backend {name!r}: choose one of auto, "
                          f"{', '.join(BACKENDS)}")
+    if name in GPU_BACKENDS and device.type != "cuda":
+        raise ValueError(f"--inference-backend {name} needs a GPU (CUDA graphs); use "
+                         f"--inference-backend static (the same math, eager) or mcore")
     return name
 
 
