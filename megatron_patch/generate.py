@@ -1,7 +1,9 @@
 """``python -m megatron_patch.generate --load CKPT --input-file IN --output-file OUT [...]``
 
 Completes every prompt of IN with the Megatron checkpoint CKPT and writes JSON lines to OUT
-(``prompt``, ``completion``, ``completion_ids``, ``finish_reason``). Under ``torchrun`` with
+(``prompt``, ``prompt_format``, ``completion``, ``completion_ids``, ``finish_reason``). Prompts
+are wrapped as SFT formatted them with ``--prompt-format alpaca|chat`` (default: the format an
+SFT checkpoint records, else ``raw``; generation/prompt_format.py). Under ``torchrun`` with
 ``--tensor-model-parallel-size T`` each group of T ranks holds one copy of the model; the
 copies share the micro-batches. ``--help`` lists the flags.
 """
@@ -16,6 +18,8 @@ from megatron_patch.generation import cli
 from megatron_patch.generation.engine import Limits, build_backend
 from megatron_patch.generation.loading import (load_model, load_tokenizer, open_checkpoint,
                                                size_mismatch)
+from megatron_patch.generation.prompt_format import (check_prompt_fields, encode_prompts,
+                                                     resolve_prompt_format)
 from megatron_patch.generation.prompts import (check_output_path, read_prompts, truncate_left,
                                                write_completions)
 from megatron_patch.generation.schedule import generate_all
@@ -29,11 +33,12 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def tokenize_prompts(tokenizer, prompts, limit: int) -> list[list[int]]:
-    """Token ids of the prompts, long ones cut from the left to ``limit`` tokens (warned)."""
-    ids, cut = truncate_left(tokenizer.tokenize_batch(prompts.texts), limit)
+def tokenize_prompts(tokenizer, prompts, limit: int, prompt_format: str) -> list[list[int]]:
+    """Token ids of the prompts in ``prompt_format``, long ones cut from the left to ``limit``
+    tokens (warned)."""
+    ids, cut = truncate_left(encode_prompts(tokenizer, prompts, prompt_format), limit)
     for index in cut[:MAX_TRUNCATION_WARNINGS]:
-        log(f"warning: {prompts.path}:{prompts.lines[index]}: prompt longer than {limit} "
+        log(f"warning: {prompts.where(index)}: prompt longer than {limit} "
             f"tokens, truncated from the left")
     if cut:
         log(f"warning: {len(cut)} of {len(ids)} prompts were truncated from the left to "
@@ -41,13 +46,17 @@ def tokenize_prompts(tokenizer, prompts, limit: int) -> list[list[int]]:
     return ids
 
 
-def completion_records(prompts, completions, tokenizer) -> list[dict]:
-    """Output records in input order; the completion text leaves out the final EOS."""
+def completion_records(prompts, completions, tokenizer, prompt_format: str) -> list[dict]:
+    """Output records in input order: the prompt as given (unwrapped; a chat's last turn, its
+    ``messages`` alongside); the completion text leaves out the final EOS."""
     records = []
-    for text, completion in zip(prompts.texts, completions):
+    for text, messages, completion in zip(prompts.texts, prompts.messages, completions):
         ids = completion.ids[:-1] if completion.finish_reason == "eos" else completion.ids
-        record = {"prompt": text, "completion": tokenizer.detokenize(ids),
-                  "completion_ids": completion.ids, "finish_reason": completion.finish_reason}
+        record = {"prompt": text, "prompt_format": prompt_format}
+        if messages is not None:
+            record["messages"] = messages
+        record.update(completion=tokenizer.detokenize(ids), completion_ids=completion.ids,
+                      finish_reason=completion.finish_reason)
         if completion.logprobs is not None:
             record["completion_logprobs"] = completion.logprobs
         records.append(record)
@@ -62,11 +71,15 @@ def run(opts) -> None:
     warning = size_mismatch(checkpoint, opts.model_size)
     if warning:
         log(warning)
+    prompt_format, source = resolve_prompt_format(opts.prompt_format, checkpoint.meta, opts.load)
+    for line in check_prompt_fields(prompts, prompt_format):
+        log(line)
     tokenizer = load_tokenizer(checkpoint, opts.tokenizer_path, opts.tokenizer_type)
     seq_length, limit = cli.prompt_limit(opts, checkpoint.args.max_position_embeddings)
     if prompts.skipped_empty:
         log(f"[generate] skipped {prompts.skipped_empty} empty lines of {prompts.path}")
-    ids = tokenize_prompts(tokenizer, prompts, limit)
+    log(f"[generate] prompt format {prompt_format} ({source})")
+    ids = tokenize_prompts(tokenizer, prompts, limit, prompt_format)
     pad = tokenizer.pad if tokenizer.pad is not None else 0
     limits = Limits(opts.max_new_tokens, tokenizer.eod, pad, checkpoint.args.vocab_size,
                     opts.output_logprobs)
@@ -80,7 +93,8 @@ def run(opts) -> None:
                                    opts.seed, log)
         if completions is not None:
             write_completions(opts.output_file,
-                              completion_records(prompts, completions, tokenizer))
+                              completion_records(prompts, completions, tokenizer,
+                                                 prompt_format))
             log(f"[generate] wrote {len(completions)} completions to {opts.output_file}")
     finally:
         compat.destroy_parallel()

@@ -1,6 +1,7 @@
 """Text generation: greedy parity with HF transformers (TP1 in process, TP2 under torchrun), every
 KV-cache backend against the uncached reference, batches against single prompts, the sampling
-processors against transformers', seeded sampling, bad input, and the seed launcher."""
+processors against transformers', seeded sampling, prompt formats against SFT's encoding and HF
+generate on the wrapped prompt, bad input, and the seed launcher."""
 import importlib.util
 import json
 import os
@@ -10,12 +11,14 @@ import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import REPO, run_torchrun, save_tiny_llama, train_tiny_tokenizer
 from megatron_patch import compat
 from megatron_patch.convert import engine as convert_engine
+from megatron_patch.data.sft import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
 from megatron_patch.generation import sampling
 from megatron_patch.generation.backends import McoreBackend, UncachedBackend
 from megatron_patch.generation.batching import left_pad
@@ -555,6 +558,238 @@ def test_decode_kernels_under_tp2_match_hf_generate(assets, hf_reference):
     assert_logprobs_match([r["completion_logprobs"] for r in records], hf_reference.logprobs)
 
 
+# --------------------------------------------------------------------------- prompt formats
+
+QUESTION = "Repeat the word apple 2 times."
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DIALOGUE = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2 + 2?"},
+            {"role": "assistant", "content": "It is 4."},
+            {"role": "user", "content": "And 3 + 3?"}]
+
+
+class BosTokenizer:
+    """The tokenizer with LLaMA's habit (the tiny one has not): ``tokenize`` starts every text
+    with BOS, so SFT starts each sample with one."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def tokenize(self, text):
+        return [self.inner.bos] + list(self.inner.tokenize(text))
+
+
+def sft_tokenizer(assets, template: str | None, bos: bool):
+    """A fresh tokenizer of the checkpoints (the shared one keeps no chat template)."""
+    from megatron_patch.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("llamabpe", assets.hf)
+    tokenizer.hf_tokenizer.chat_template = template
+    return BosTokenizer(tokenizer) if bos else tokenizer
+
+
+def response_start(mask) -> int:
+    """Where the sample's last response starts: after its last id that SFT does not learn."""
+    return int(np.flatnonzero(np.asarray(mask) == 0)[-1]) + 1
+
+
+# (format, SFT record, prompt fields (text, input, messages), the prompt's text, template)
+SFT_CASES = {
+    "alpaca": ("alpaca", {"instruction": QUESTION, "output": "apple apple"},
+               (QUESTION, None, None), ALPACA_PROMPT_NO_INPUT.format(instruction=QUESTION), None),
+    "alpaca-input": ("alpaca", {"instruction": "Translate to French.", "input": "Good morning",
+                                "output": "Bonjour"},
+                     ("Translate to French.", "Good morning", None),
+                     ALPACA_PROMPT_WITH_INPUT.format(instruction="Translate to French.",
+                                                     input="Good morning"), None),
+    "chat-template": ("chat", {"messages": [{"role": "user", "content": QUESTION},
+                                            {"role": "assistant", "content": "apple apple"}]},
+                      (QUESTION, None, None),
+                      f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n", CHATML),
+    "chat-template-dialogue": ("chat", {"messages": [*DIALOGUE, {"role": "assistant",
+                                                                 "content": "Six."}]},
+                               ("And 3 + 3?", None, DIALOGUE), None, CHATML),
+    "chat-fallback": ("chat", {"messages": [{"role": "user", "content": QUESTION},
+                                            {"role": "assistant", "content": "apple apple"}]},
+                      (QUESTION, None, None), f"<|user|>\n{QUESTION}\n<|assistant|>\n", None),
+    "chat-fallback-dialogue": ("chat", {"messages": [*DIALOGUE, {"role": "assistant",
+                                                                 "content": "Six."}]},
+                               ("And 3 + 3?", None, DIALOGUE), None, None),
+}
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+@pytest.mark.parametrize("case", sorted(SFT_CASES))
+def test_prompt_ids_are_the_sft_sample_up_to_its_response(assets, case, bos):
+    """SFT's ids of a record, cut where its (last) response starts, are the generation prompt;
+    and the prompt reads as the template written out (BOS aside)."""
+    from megatron_patch.data.sft import encode_record
+    from megatron_patch.generation.prompt_format import encode_prompt
+
+    prompt_format, record, (text, extra, messages), expected_text, template = SFT_CASES[case]
+    tokenizer = sft_tokenizer(assets, template, bos)
+    sft_ids, learned = encode_record(record, tokenizer)
+    ids = encode_prompt(tokenizer, prompt_format, text, extra, messages)
+    assert ids == sft_ids[:response_start(learned)].tolist()
+    assert learned[:len(ids)].sum() < learned.sum()  # the response is not in the prompt
+    starts_with_bos = bos and template is None  # SFT's template path adds no BOS of its own
+    assert (ids[0] == tokenizer.bos) == starts_with_bos
+    if expected_text is not None:
+        assert tokenizer.detokenize(ids[starts_with_bos:]) == expected_text
+
+
+def test_raw_prompt_ids_are_the_tokenizers(assets, loaded):
+    from megatron_patch.generation.prompt_format import encode_prompt
+
+    assert encode_prompt(loaded.tokenizer, "raw", QUESTION) == loaded.tokenizer.tokenize(QUESTION)
+
+
+def with_metadata(source, destination, chat_template=None, **fields):
+    """A copy of checkpoint ``source`` whose megatron_patch.json has ``fields`` (as an SFT run
+    records its prompt format), its tokenizer given ``chat_template``."""
+    shutil.copytree(source, destination)
+    meta_path = os.path.join(destination, "megatron_patch.json")
+    meta = json.load(open(meta_path))
+    meta.update(fields)
+    json.dump(meta, open(meta_path, "w"))
+    if chat_template is not None:
+        config_path = os.path.join(destination, "tokenizer", "tokenizer_config.json")
+        config = json.load(open(config_path))
+        config["chat_template"] = chat_template
+        json.dump(config, open(config_path, "w"))
+    return str(destination)
+
+
+@pytest.fixture(scope="module")
+def sft_assets(assets):
+    """A tiny Llama with room for an Alpaca prompt (~180 tokens of the tiny tokenizer), and
+    copies of its checkpoint that record prompt_format alpaca, chat (with a ChatML template in
+    its tokenizer) and an unknown one."""
+    root = assets.root / "sft"
+    hf = save_tiny_llama(str(root / "hf"), vocab_size=300, max_position_embeddings=256,
+                         qk_scale=10.0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(assets.tp1, "tokenizer", name), hf)
+    plain = convert(hf, root / "plain", 1)
+    return SimpleNamespace(
+        hf=hf, plain=plain, alpaca=with_metadata(plain, root / "alpaca", prompt_format="alpaca"),
+        chat=with_metadata(plain, root / "chat", CHATML, prompt_format="chat"),
+        unknown=with_metadata(plain, root / "unknown", prompt_format="vicuna"))
+
+
+def generate_records(capsys, load, source, out, *flags):
+    code, err = run_main(capsys, "--load", load, "--input-file", source, "--output-file",
+                         str(out), "--top-k", "1", "--max-new-tokens", "8", *flags)
+    assert code == 0, err
+    return [json.loads(line) for line in open(out, encoding="utf-8")], err
+
+
+def hf_tokenized(hf_dir, texts):
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return [hf_tokenizer(text).input_ids for text in texts]
+
+
+def test_cli_alpaca_from_the_metadata_equals_hf_generate_on_the_wrapped_prompt(
+        sft_assets, loaded, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", [
+        json.dumps({"query": QUESTION}),
+        json.dumps({"query": "Translate to French.", "input": "Good morning"})])
+    records, err = generate_records(capsys, sft_assets.alpaca, source, tmp_path / "out.jsonl")
+    assert "prompt format alpaca (the checkpoint's metadata)" in err
+    assert [(r["prompt"], r["prompt_format"]) for r in records] == [
+        (QUESTION, "alpaca"), ("Translate to French.", "alpaca")]
+    wrapped = hf_tokenized(sft_assets.hf, [
+        ALPACA_PROMPT_NO_INPUT.format(instruction=QUESTION),
+        ALPACA_PROMPT_WITH_INPUT.format(instruction="Translate to French.", input="Good morning")])
+    reference = hf_greedy(sft_assets.hf, wrapped, loaded.tokenizer, new_tokens=8)
+    assert [r["completion_ids"] for r in records] == reference.ids
+    # The flag wins over the metadata; a checkpoint that records nothing is raw.
+    raw = hf_greedy(sft_assets.hf, hf_tokenized(sft_assets.hf, [QUESTION]), loaded.tokenizer,
+                    new_tokens=8)
+    source = write_lines(tmp_path / "in.txt", [QUESTION])
+    for load, flags, origin in ((sft_assets.alpaca, ["--prompt-format", "raw"], "--prompt-format"),
+                                (sft_assets.plain, [], "default: the checkpoint records none")):
+        records, err = generate_records(capsys, load, source, tmp_path / "raw.jsonl", *flags)
+        assert f"prompt format raw ({origin})" in err
+        assert [(r["prompt_format"], r["completion_ids"]) for r in records] == [("raw", raw.ids[0])]
+
+
+def test_cli_chat_from_the_metadata_equals_hf_generate_on_the_rendered_template(
+        sft_assets, loaded, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    source = write_lines(tmp_path / "in.jsonl", [json.dumps({"query": QUESTION}),
+                                                 json.dumps({"messages": DIALOGUE})])
+    records, err = generate_records(capsys, sft_assets.chat, source, tmp_path / "out.jsonl")
+    assert "prompt format chat (the checkpoint's metadata)" in err
+    assert [r["prompt"] for r in records] == [QUESTION, "And 3 + 3?"]
+    assert "messages" not in records[0] and records[1]["messages"] == DIALOGUE
+    hf_tokenizer = AutoTokenizer.from_pretrained(os.path.join(sft_assets.chat, "tokenizer"))
+    rendered = [hf_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+                for messages in ([{"role": "user", "content": QUESTION}], DIALOGUE)]
+    reference = hf_greedy(sft_assets.hf, hf_tokenized(sft_assets.hf, rendered), loaded.tokenizer,
+                          new_tokens=8)
+    assert [r["completion_ids"] for r in records] == reference.ids
+
+
+def test_bad_prompt_format_is_a_usage_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(capsys, "--load", "ckpt", "--input-file", "in", "--output-file", "out",
+                 "--prompt-format", "vicuna")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --prompt-format: invalid choice: 'vicuna'" in err
+    assert all(name in err.rsplit("invalid choice", 1)[1] for name in ("raw", "alpaca", "chat"))
+
+
+def test_bad_recorded_prompt_format_and_misplaced_messages_are_clear_errors(sft_assets, tmp_path,
+                                                                           capsys):
+    source = write_lines(tmp_path / "in.txt", [QUESTION])
+    code, err = run_main(capsys, "--load", sft_assets.unknown, "--input-file", source,
+                         "--output-file", str(tmp_path / "out.jsonl"))
+    assert code == 1 and "megatron_patch.json has prompt_format 'vicuna'" in err
+    chat = write_lines(tmp_path / "chat.jsonl", [json.dumps({"query": QUESTION}),
+                                                 json.dumps({"messages": DIALOGUE})])
+    code, err = run_main(capsys, "--load", sft_assets.alpaca, "--input-file", chat,
+                         "--output-file", str(tmp_path / "out.jsonl"))
+    assert code == 1 and "chat.jsonl:2: a 'messages' record needs --prompt-format chat" in err
+    bad_turns = write_lines(tmp_path / "turns.jsonl", [json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"content": "no role"},
+        {"role": "user", "content": "x"}]})])
+    code, err = run_main(capsys, "--load", sft_assets.chat, "--input-file", bad_turns,
+                         "--output-file", str(tmp_path / "out.jsonl"))
+    assert code == 1 and "turns.jsonl:1: 'messages' must be a list of" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"query": "q", "input": 3}, "'input' must be a string"),
+    ({"query": "q", "messages": DIALOGUE}, "give 'query' or 'messages', not both"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [*DIALOGUE, {"role": "assistant", "content": "6"}]},
+     "'messages' ends with an assistant turn"),
+])
+def test_jsonl_prompt_fields_are_checked(tmp_path, record, message):
+    path = write_lines(tmp_path / "in.jsonl", [json.dumps({"query": "fine"}), json.dumps(record)])
+    with pytest.raises(ValueError, match=f"in.jsonl:2: {message}"):
+        read_prompts(path)
+
+
+def test_jsonl_input_and_messages_are_read(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", [json.dumps({"query": "a", "input": "b"}),
+                                               json.dumps({"messages": DIALOGUE, "id": 7})])
+    prompts = read_prompts(path)
+    assert (prompts.texts, prompts.inputs, prompts.messages) == (
+        ["a", "And 3 + 3?"], ["b", None], [None, DIALOGUE])
+
+
 # --------------------------------------------------------------------------- CPU-only backends
 
 
@@ -573,3 +808,26 @@ def test_a_gpu_backend_on_the_cpu_names_the_backend_asked_for(loaded, capsys, ba
     compile_mode = "default" if backend == "graph-compiled" else None
     with pytest.raises(ValueError, match=f"the '{backend}' backend needs a GPU"):
         GraphBackend(loaded.model, 64, compile_mode=compile_mode)
+
+
+# --------------------------------------------------------------------------- launcher prompt format
+
+
+def test_launcher_passes_prompt_format_from_the_environment(assets, tmp_path, monkeypatch):
+    from megatron_patch.generation import launcher_check
+
+    args = launcher_args(assets, write_lines(tmp_path / "in.txt", PROMPTS),
+                         str(tmp_path / "o.jsonl"))
+    monkeypatch.delenv("PROMPT_FORMAT", raising=False)
+    assert "--prompt-format" not in launcher_check.plan("llama", args)[1]
+    monkeypatch.setenv("PROMPT_FORMAT", "alpaca")
+    assert launcher_check.plan("llama", args)[1][-2:] == ["--prompt-format", "alpaca"]
+
+
+def test_launcher_refuses_a_bad_prompt_format(assets, tmp_path):
+    source = write_lines(tmp_path / "in.txt", PROMPTS)
+    proc = run_launcher(launcher_args(assets, source, str(tmp_path / "o.jsonl")),
+                        env={"PROMPT_FORMAT": "vicuna"})
+    assert proc.returncode == 2
+    assert "PROMPT_FORMAT (raw|alpaca|chat" in proc.stderr  # the usage documents it
+    assert "PROMPT_FORMAT must be raw, alpaca or chat, got 'vicuna'" in proc.stderr

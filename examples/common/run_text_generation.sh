@@ -28,11 +28,15 @@ USAGE="usage: run_text_generation_${FAMILY}.sh ENV MEGATRON_PATH MEGATRON_PATCH_
   TOP_K, TOP_P         top-k (1 = greedy) or top-p sampling: one of them must be 0
   INPUT_SEQ_LEN        longer prompts are truncated from the left to this many tokens
   OUTPUT_SEQ_LEN       new tokens per prompt (at most)
-  INPUT_FILE           one prompt per line, or .jsonl with a 'query' field
-  OUTPUT_FILE          JSON lines: prompt, completion, completion_ids, finish_reason
+  INPUT_FILE           one prompt per line, or .jsonl with a 'query' field (and 'input' for
+                       PROMPT_FORMAT=alpaca, or 'messages' instead for PROMPT_FORMAT=chat)
+  OUTPUT_FILE          JSON lines: prompt, prompt_format, completion, completion_ids,
+                       finish_reason
   TEMPERATURE (> 0), REPETITION_PENALTY (> 0; 1 = off)
   environment: PYTHON (default python3), BF16=1 for bf16 weights,
-               INFERENCE_BACKEND (auto|mcore|static|graph|graph-compiled|uncached)"
+               INFERENCE_BACKEND (auto|mcore|static|graph|graph-compiled|uncached),
+               PROMPT_FORMAT (raw|alpaca|chat: wrap prompts as SFT formatted them; unset: the
+               checkpoint's recorded format, an SFT checkpoint's, else raw)"
 
 [[ $# -eq 17 ]] || usage_error "expected 17 arguments, got $#"
 [[ -d $3/megatron_patch ]] || usage_error "MEGATRON_PATCH_PATH '$3' has no megatron_patch/ package"

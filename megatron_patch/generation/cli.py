@@ -9,6 +9,7 @@ from megatron_patch import compat
 from megatron_patch.argtypes import positive_int
 from megatron_patch.generation import decode_kernels
 from megatron_patch.generation.engine import BACKENDS, backend_name
+from megatron_patch.generation.prompt_format import FORMATS
 from megatron_patch.generation.sampling import SamplingParams
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -20,13 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m megatron_patch.generate",
         description="Complete prompts with a Megatron checkpoint (KV cache, top-k / top-p "
                     "sampling, tensor parallel under torchrun). Output: JSON lines with "
-                    "prompt, completion, completion_ids, finish_reason (and "
+                    "prompt, prompt_format, completion, completion_ids, finish_reason (and "
                     "completion_logprobs with --output-logprobs).")
     io = parser.add_argument_group("files")
     io.add_argument("--load", required=True, help="Megatron checkpoint (root or iteration dir)")
     io.add_argument("--input-file", required=True,
-                    help="one prompt per line, or .jsonl/.json with a 'query' field per line")
+                    help="one prompt per line, or .jsonl/.json with a 'query' field per line "
+                         "(and optionally 'input'; or 'messages' instead, for chat)")
     io.add_argument("--output-file", required=True, help="JSON lines, one per prompt")
+    io.add_argument("--prompt-format", choices=FORMATS,
+                    help="wrap each prompt as SFT formatted its samples: raw (as it is), alpaca "
+                         "(the Alpaca prompt; a JSON line's 'input' picks the with-input one), "
+                         "chat (a user turn, or a JSON line's 'messages', in the tokenizer's chat "
+                         "template with its generation prompt; SFT's fallback header without "
+                         "one). Default: the checkpoint's recorded prompt_format (an SFT "
+                         "checkpoint's), else raw")
     io.add_argument("--output-logprobs", action="store_true",
                     help="add completion_logprobs: each new token's log-probability under the "
                          "model (log softmax of its logits over the true vocabulary, before "

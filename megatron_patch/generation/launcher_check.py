@@ -7,14 +7,16 @@ ARGS are the seed's 17 positional arguments (``GENERATE_ARGS``). On a wrong valu
 the problem, naming the argument, and exits 2. Otherwise it prints, one per line, the number of
 processes a CPU-only machine needs (TP), then the ``python -m megatron_patch.generate`` flags.
 ENV, MEGATRON_PATH and MEGATRON_PATCH_PATH are the shell's (rendezvous and PYTHONPATH). The
-environment variables ``BF16=1`` (bf16 weights) and ``INFERENCE_BACKEND`` (default auto) add
-their flags.
+environment variables ``BF16=1`` (bf16 weights), ``INFERENCE_BACKEND`` (default auto) and
+``PROMPT_FORMAT`` (raw, alpaca or chat; unset: the checkpoint's recorded format, else raw) add
+their flags: the positional arguments are the seed's, so new options come as variables.
 """
 from __future__ import annotations
 
 import os
 import sys
 
+from megatron_patch.generation.prompt_format import FORMATS
 from megatron_patch.training.launcher_check import (COUNT, POSITIVE_INT, LauncherError,
                                                     check_model_size, number_kind)
 
@@ -79,7 +81,18 @@ def plan(family_name: str, argv: list[str]) -> tuple[int, list[str]]:
              "--inference-backend", os.environ.get("INFERENCE_BACKEND") or "auto"]
     if os.environ.get("BF16") == "1":
         flags.append("--bf16")
-    return values["TP"], flags
+    return values["TP"], flags + prompt_format_flag(os.environ.get("PROMPT_FORMAT"))
+
+
+def prompt_format_flag(value: str | None) -> list[str]:
+    """``--prompt-format`` from the PROMPT_FORMAT variable; unset or empty: none (the
+    generator's default, the checkpoint's recorded format)."""
+    if not value:
+        return []
+    if value not in FORMATS:
+        raise LauncherError(f"PROMPT_FORMAT must be {', '.join(FORMATS[:-1])} or {FORMATS[-1]}, "
+                            f"got '{value}'")
+    return ["--prompt-format", value]
 
 
 def main(argv=None) -> int:

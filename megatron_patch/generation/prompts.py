@@ -1,9 +1,12 @@
 """The input file of prompts and the output file of completions.
 
 Input: one prompt per line, or JSON lines with a ``query`` field (the seed's two formats; a
-``.jsonl`` / ``.json`` name means JSON lines). Empty lines are skipped and counted. Output: JSON
-lines ``{"prompt", "completion", "completion_ids", "finish_reason"}`` in input order, written to
-a temporary name and renamed, so an interrupted run never leaves a file that looks complete.
+``.jsonl`` / ``.json`` name means JSON lines). A JSON line may also carry ``input`` (the Alpaca
+prompt's input, for ``--prompt-format alpaca``) or, instead of ``query``, a chat's ``messages``
+(for ``--prompt-format chat``; prompt_format.py wraps the prompts). Empty lines are skipped and
+counted. Output: JSON lines ``{"prompt", "prompt_format", "completion", "completion_ids",
+"finish_reason"}`` in input order, written to a temporary name and renamed, so an interrupted
+run never leaves a file that looks complete.
 """
 from __future__ import annotations
 
@@ -22,17 +25,42 @@ class PromptSet:
     texts: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     skipped_empty: int = 0
+    inputs: list = field(default_factory=list)    # a JSON line's 'input' (str), else None
+    messages: list = field(default_factory=list)  # a JSON line's 'messages' (list), else None
+
+    def where(self, index: int) -> str:
+        """``file:line`` of prompt ``index``."""
+        return f"{self.path}:{self.lines[index]}"
 
 
-def _query_of(line: str, path: str, number: int) -> str:
+def _record_of(line: str, path: str, number: int) -> tuple[str, str | None, list | None]:
+    """(prompt text, input, messages) of one JSON line; a chat's text is its last turn."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); a .jsonl input needs "
                          f"one object with a 'query' field per line") from None
-    if not isinstance(record, dict) or not isinstance(record.get("query"), str):
+    if not isinstance(record, dict):
         raise ValueError(f"{path}:{number}: expected a JSON object with a string 'query' field")
-    return record["query"]
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise ValueError(f"{path}:{number}: 'input' must be a string")
+    if "messages" not in record:
+        if not isinstance(record.get("query"), str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a string 'query' "
+                             f"field (or 'messages', for --prompt-format chat)")
+        return record["query"], extra, None
+    messages = record["messages"]
+    if "query" in record:
+        raise ValueError(f"{path}:{number}: give 'query' or 'messages', not both")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or not isinstance(last.get("content"), str):
+        raise ValueError(f"{path}:{number}: 'messages' must be a non-empty list of "
+                         f"{{\"role\": str, \"content\": str}}")
+    if last.get("role") == "assistant":
+        raise ValueError(f"{path}:{number}: 'messages' ends with an assistant turn; the last "
+                         f"turn is the one to answer (user)")
+    return last["content"], extra, messages
 
 
 def read_prompts(path: str) -> PromptSet:
@@ -44,14 +72,16 @@ def read_prompts(path: str) -> PromptSet:
     try:
         with open(path, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
-                text = line.rstrip("\r\n")
+                text, extra, messages = line.rstrip("\r\n"), None, None
                 if jsonl and text.strip():
-                    text = _query_of(text, path, number)
+                    text, extra, messages = _record_of(text, path, number)
                 if not text.strip():
                     prompts.skipped_empty += 1
                     continue
                 prompts.texts.append(text)
                 prompts.lines.append(number)
+                prompts.inputs.append(extra)
+                prompts.messages.append(messages)
     except UnicodeDecodeError as err:
         raise ValueError(f"--input-file {path!r} is not UTF-8 text ({err})") from None
     if not prompts.texts:
