@@ -103,6 +103,29 @@ def test_reshard_keeps_the_source_layout_where_no_target_flag_is_given(tmp_path,
     assert_bit_identical(hf_dir, tmp_path / "back")
 
 
+def test_each_conversion_prints_one_line_saying_what_it_did(tmp_path, capsys):
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"))  # 21 HF tensors, 15 Megatron ones
+    runs = [
+        (["--load", hf_dir, "--save", str(tmp_path / "mg"),
+          "--target-pipeline-model-parallel-size", "2"],
+         "converted hf -> megatron (TP=1, PP=2, torch): ", "21 hf tensors read, 15 megatron"),
+        (["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "tp2"),
+          "--target-tensor-model-parallel-size", "2"],
+         "converted megatron (TP=1, PP=2, torch) -> megatron (TP=2, PP=2, torch): ",
+         "15 megatron tensors read, 15 megatron"),
+        (["--load", str(tmp_path / "tp2"), "--save", str(tmp_path / "back"), "--megatron-to-hf"],
+         "converted megatron (TP=2, PP=2, torch) -> hf: ", "15 megatron tensors read, 21 hf"),
+    ]
+    for argv, start, tensors in runs:
+        assert convert_main(argv + ["--no-progress"]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        save = argv[3]
+        files = [os.path.join(d, n) for d, _, names in os.walk(save) for n in names]
+        size = sum(os.path.getsize(f) for f in files) / 1e3
+        assert line.startswith(start) and tensors in line, line
+        assert f"{size:.1f} kB in {len(files)} files" in line and line.endswith(save), line
+
+
 def test_help_shows_every_default():
     from megatron_patch.convert.__main__ import build_parser
 

@@ -71,36 +71,54 @@ def main(argv=None) -> int:
     from megatron_patch.convert.io_utils import CheckpointError, unmap_large_allocations_on_free
 
     unmap_large_allocations_on_free()
+    start, report = time.time(), engine.Report()
+    try:
+        sides, meta = _convert(args, report)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary_line(sides, meta, report, args.save, time.time() - start))
+    return 0
+
+
+def _convert(args, report) -> tuple[tuple[str, str], dict]:
+    """Run the conversion ``args`` ask for -> ((source, target) with layouts, metadata)."""
+    from megatron_patch.convert import engine
 
     target = engine.Target(args.target_tensor_model_parallel_size,
                            args.target_pipeline_model_parallel_size, args.extra_vocab_size,
                            args.make_vocab_size_divisible_by, args.ckpt_format)
     common = dict(family_name=args.model_family, progress=not args.no_progress,
-                  overwrite=args.overwrite)
-    start = time.time()
-    try:
-        if args.megatron_to_hf:
-            meta = engine.convert_megatron_to_hf(args.load, args.save, **common)
-            what = "megatron -> hf"
-        elif os.path.isfile(os.path.join(args.load, "config.json")):
-            meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
-            what = f"hf -> megatron ({_layout(meta)})"
-        else:
-            meta = engine.reshard_megatron(args.load, args.save, target, **common)
-            what = f"megatron -> megatron ({_layout(meta)})"
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    m = meta["model_args"]
-    print(f"converted {what}: family {meta['family']}, {m['num_layers']} layers, hidden "
-          f"{m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}) "
-          f"in {time.time() - start:.1f}s -> {os.path.abspath(args.save)}")
-    return 0
+                  overwrite=args.overwrite, report=report)
+    if args.megatron_to_hf:
+        meta = engine.convert_megatron_to_hf(args.load, args.save, **common)
+        return (f"megatron ({report.source_layout})", "hf"), meta
+    if os.path.isfile(os.path.join(args.load, "config.json")):
+        meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
+        return ("hf", f"megatron ({engine.layout_of(meta)})"), meta
+    meta = engine.reshard_megatron(args.load, args.save, target, **common)
+    return (f"megatron ({report.source_layout})", f"megatron ({engine.layout_of(meta)})"), meta
 
 
-def _layout(meta: dict) -> str:
-    return (f"TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}, "
-            f"{meta['ckpt_format']}")
+def summary_line(sides: tuple[str, str], meta: dict, report, save: str, seconds: float) -> str:
+    """One line: direction and layout, model, tensors and bytes, then any notes. Tensors are
+    counted whole (a TP-sharded tensor once)."""
+    (source, target), m = sides, meta["model_args"]
+    files = [os.path.join(d, name) for d, _, names in os.walk(save) for name in names]
+    size = sum(os.path.getsize(f) for f in files)
+    line = (f"converted {source} -> {target}: family {meta['family']}, {m['num_layers']} layers, hidden "
+            f"{m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}); "
+            f"{report.tensors_read} {source.split()[0]} tensors read, {report.tensors_written} "
+            f"{target.split()[0]} tensors written, "
+            f"{_bytes(size)} in {len(files)} files, {seconds:.1f}s -> {os.path.abspath(save)}")
+    return "; ".join([line] + report.notes)
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 if __name__ == "__main__":

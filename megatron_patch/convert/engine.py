@@ -58,6 +58,30 @@ def source_layout(meta: dict) -> dict:
                 make_vocab_size_divisible_by=meta.get("make_vocab_size_divisible_by", 128))
 
 
+@dataclasses.dataclass
+class Report:
+    """What a conversion did, for the CLI's one-line summary: tensors read from the source
+    (each full tensor once), full tensors written, and notes on anything not carried over."""
+
+    tensors_read: int = 0
+    tensors_written: int = 0
+    source_layout: str = ""   # a Megatron source's, as :func:`layout_of` writes it
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def counting(self, fetch):
+        """``fetch`` that counts each full tensor it hands to a writer."""
+        def counted(binding):
+            self.tensors_written += 1
+            return fetch(binding)
+        return counted
+
+
+def layout_of(meta: dict) -> str:
+    """``TP=2, PP=1, torch``: how a Megatron checkpoint is laid out."""
+    return (f"TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}, "
+            f"{meta.get('ckpt_format', 'torch')}")
+
+
 def dims_for(args: ModelArgs, padded: int) -> Dims:
     return Dims(args.num_attention_heads, args.num_query_groups, args.kv_channels,
                 args.vocab_size, padded)
@@ -183,10 +207,10 @@ def resolve_hf_family(hf_config: dict, path: str, family_name: str | None) -> Fa
 
 def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
                            target: Target = Target(), progress: bool = True,
-                           overwrite: bool = False) -> dict:
+                           overwrite: bool = False, report: Report | None = None) -> dict:
     """HF checkpoint directory -> Megatron checkpoint at ``target``'s layout (unset fields:
-    :data:`HF_DEFAULTS`). Returns metadata."""
-    target = target.filled(HF_DEFAULTS)
+    :data:`HF_DEFAULTS`). Returns metadata; ``report`` gets what was done."""
+    target, report = target.filled(HF_DEFAULTS), report or Report()
     hf_config = read_hf_config(load)  # the family and layout are checked before the weights
     family = resolve_hf_family(hf_config, load, family_name)
     args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
@@ -198,9 +222,10 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
         meta["dtype"] = str(hf.dtype()).replace("torch.", "")
         dims = dims_for(args, meta["padded_vocab_size"])
         fetch = lambda b: b.row.op.to_megatron([hf.get(n) for n in b.hf], dims)  # noqa: E731
-        _write_checkpoint(family, args, meta, fetch, root, progress)
+        _write_checkpoint(family, args, meta, report.counting(fetch), root, progress)
         _consume_tied_head(hf, args)
         _check_all_consumed(hf.unconsumed(), load)
+    report.tensors_read = len(hf.reads)
     return meta
 
 
@@ -260,9 +285,12 @@ def _consume_tied_output(reader, args) -> None:
 
 
 def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
-                           progress: bool = True, overwrite: bool = False) -> dict:
+                           progress: bool = True, overwrite: bool = False,
+                           report: Report | None = None) -> dict:
     """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads."""
+    report = report or Report()
     reader, family, args, meta = open_megatron(load, family_name)
+    report.source_layout = layout_of(meta)
     dims = dims_for(args, meta["padded_vocab_size"])
     fetch = megatron_full_fetcher(reader, args, meta, meta["padded_vocab_size"])
     # Every row once, with global names: the HF side has no pipeline stages.
@@ -273,7 +301,9 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
         for binding in bindings:
             for name, tensor in zip(binding.hf, binding.row.op.to_hf(fetch(binding), dims)):
                 writer.add(name, tensor)
+                report.tensors_written += 1
             bar.update(1)
+        report.tensors_read = len(reader.consumed)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
         tokenizer_dir = os.path.join(reader.root, TOKENIZER_DIR)
@@ -291,10 +321,13 @@ def hf_config_for(family: Family, args: ModelArgs, meta: dict) -> dict:
 
 
 def reshard_megatron(load: str, save: str, target: Target, family_name: str | None = None,
-                     progress: bool = True, overwrite: bool = False) -> dict:
+                     progress: bool = True, overwrite: bool = False,
+                     report: Report | None = None) -> dict:
     """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding); the
     fields ``target`` leaves unset keep the source's values."""
+    report = report or Report()
     reader, family, args, src_meta = open_megatron(load, family_name)
+    report.source_layout = layout_of(src_meta)
     target = target.filled(source_layout(src_meta))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     with atomic_directory(save, overwrite) as root:
@@ -304,7 +337,8 @@ def reshard_megatron(load: str, save: str, target: Target, family_name: str | No
         meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
         meta["dtype"] = src_meta.get("dtype", "float32")
         fetch = megatron_full_fetcher(reader, args, src_meta, meta["padded_vocab_size"])
-        _write_checkpoint(family, args, meta, fetch, root, progress)
+        _write_checkpoint(family, args, meta, report.counting(fetch), root, progress)
+        report.tensors_read = len(reader.consumed)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
     return meta
