@@ -40,6 +40,17 @@ def load_sft_dataset(path: str, tokenizer, length: int, packing: bool):
                             f"sft_preprocess prefix ({path}_tokens_document.idx)")
 
 
+def recorded_prompt_format(path: str) -> str | None:
+    """generate's default --prompt-format for a model trained on ``path``: alpaca or chat when
+    all its records are of that kind; None for a mixed file or an mmap prefix (no records)."""
+    from megatron_patch.data.sft import iter_json_records
+
+    if not os.path.isfile(path):
+        return None
+    kinds = {"chat" if "messages" in record else "alpaca" for _, record in iter_json_records(path)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 class SFTData:
     """SFTDataset epochs, reshuffled per epoch, resumable at any sample. A run resumes only
     from its own --save directory; another run's checkpoint gives it weights (run.py)."""
@@ -55,6 +66,7 @@ class SFTData:
         args.calculate_per_token_loss = True
         args.seq_length = args.max_padding_length or args.seq_length
         train = load_sft_dataset(args.train_data, plan.tokenizer, args.seq_length, args.packing)
+        plan.meta["prompt_format"] = recorded_prompt_format(args.train_data)  # generate's default
         valid = load_sft_dataset(args.valid_data, plan.tokenizer, args.seq_length,
                                  args.packing) if args.valid_data else None
         if len(train) == 0:

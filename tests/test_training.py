@@ -341,6 +341,8 @@ def test_sft_from_a_pretraining_run_starts_a_new_schedule_and_resumes_its_own(wo
         f"--save directory)")
     rows = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
     assert [(r["iteration"], r["lr"]) for r in rows] == [(1, 1e-3), (2, 1e-3)]
+    meta = json.loads((tmp_path / "sft" / "megatron_patch.json").read_text())
+    assert meta["prompt_format"] == "alpaca"  # generate's default for this model
     second = run_python([*sft, "--load", str(tmp_path / "sft"), "--train-iters", "3"]).stdout
     assert second.splitlines()[0] == f"[megatron_patch] resuming {tmp_path / 'sft'} at iteration 2"
     assert iterations(tmp_path / "sft.jsonl") == [1, 2, 3]
