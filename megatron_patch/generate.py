@@ -103,6 +103,7 @@ def run(opts) -> None:
 def main(argv=None) -> int:
     """Exit code: 0 done, 1 bad input (message on stderr), 2 bad flags (usage)."""
     opts = cli.parse_args(argv)
+    compat.exit_unless_supported()
     try:
         run(opts)
     except (CheckpointError, FileNotFoundError, PermissionError, ValueError) as err:

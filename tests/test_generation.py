@@ -351,6 +351,14 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert code == 1 and "--load" in err and "does not exist" in err
 
 
+def test_seq_length_past_the_models_positions_is_refused(assets, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.txt", PROMPTS)
+    code, err = run_main(capsys, "--load", assets.tp1, "--input-file", source, "--output-file",
+                         str(tmp_path / "out.jsonl"), "--seq-length", "1024")
+    assert code == 1
+    assert "--seq-length 1024 is longer than the model's max_position_embeddings 128" in err
+
+
 def test_top_k_with_top_p_is_a_usage_error(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(capsys, "--load", assets.tp1, "--input-file", "in", "--output-file", "out",

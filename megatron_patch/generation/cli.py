@@ -114,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prompt_limit(opts: argparse.Namespace, max_position_embeddings: int) -> tuple[int, int]:
     """(sequence length, longest prompt kept) once the checkpoint's shape is known."""
     seq_length = opts.seq_length or max_position_embeddings
+    if seq_length > max_position_embeddings:
+        raise ValueError(f"--seq-length {seq_length} is longer than the model's "
+                         f"max_position_embeddings {max_position_embeddings}; shorten it")
     if seq_length <= opts.max_new_tokens:
         raise ValueError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt "
                          f"in a sequence of {seq_length} (set --seq-length)")

@@ -18,7 +18,8 @@ import sys
 
 from megatron_patch.generation.prompt_format import FORMATS
 from megatron_patch.training.launcher_check import (COUNT, POSITIVE_INT, LauncherError,
-                                                    check_model_size, number_kind)
+                                                    check_megatron_core, check_model_size,
+                                                    number_kind)
 
 GENERATE_ARGS = ("ENV", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "TOKENIZER", "CHECKPOINT_PATH",
                  "MODEL_SIZE", "TP", "BS", "SEQ_LEN", "TOP_K", "INPUT_SEQ_LEN", "OUTPUT_SEQ_LEN",
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
         return 2
     try:
         nproc, flags = plan(argv[0], argv[1:])
+        check_megatron_core()
     except LauncherError as err:
         print(err)
         return 2

@@ -282,7 +282,7 @@ def plan(kind: str, family_name: str, argv: list[str]) -> tuple[int, str, list[s
     return values["TP"] * values["PP"], paths["log"], flags
 
 
-def _check_megatron_core() -> None:
+def check_megatron_core() -> None:
     """The megatron-core that MEGATRON_PATH (or the installation) gives, checked once here
     rather than in a traceback per rank."""
     from megatron_patch.compat import UnsupportedMegatronCore, require_megatron_core
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
         return 2
     try:
         nproc, log, flags = plan(argv[0], argv[1], argv[2:])
-        _check_megatron_core()
+        check_megatron_core()
     except LauncherError as err:
         print(err)
         return 2
