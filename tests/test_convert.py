@@ -208,6 +208,65 @@ def test_torch_dist_round_trip_and_reshard(tmp_path):
     assert_bit_identical(hf_dir, tmp_path / "back2")
 
 
+INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+
+
+def save_with_inv_freq(hf_dir, dtype=torch.float32, **config):
+    """A tiny Llama whose safetensors also hold each layer's rotary inv_freq, as older
+    transformers releases saved it, computed by transformers itself for this config."""
+    from transformers import LlamaForCausalLM
+
+    save_tiny_llama(str(hf_dir), **config)
+    inv_freq = LlamaForCausalLM.from_pretrained(str(hf_dir)).model.rotary_emb.inv_freq
+    tensors = {k: v.to(dtype) for k, v in hf_tensors(hf_dir).items()}
+    buffers = {INV_FREQ.format(layer): inv_freq.to(dtype).clone() for layer in range(2)}
+    save_file({**tensors, **buffers}, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    return tensors, buffers
+
+
+@pytest.mark.parametrize("rope,dtype", [("default", torch.float32), ("llama3", torch.float16),
+                                        ("default", torch.bfloat16)])
+def test_rotary_inv_freq_buffers_are_checked_then_skipped(tmp_path, capsys, monkeypatch, rope,
+                                                           dtype):
+    from transformers import LlamaForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    tensors, buffers = save_with_inv_freq(hf_dir, dtype, **(LLAMA3_ROPE if rope == "llama3"
+                                                            else {}))
+    LlamaForCausalLM.from_pretrained(str(hf_dir))  # transformers loads such a directory
+    readers = []
+    monkeypatch.setattr(engine, "HFReader", lambda p: readers.append(HFReader(p)) or readers[-1])
+    assert convert_main(["--load", str(hf_dir), "--save", str(tmp_path / "mg"),
+                         "--target-pipeline-model-parallel-size", "2", "--no-progress"]) == 0
+    line = capsys.readouterr().out
+    assert "skipped 2 model.layers.*.self_attn.rotary_emb.inv_freq buffer(s)" in line
+    assert "not written back to HF" in line and "23 hf tensors read" in line
+    assert readers[0].reads == {name: 1 for name in {**tensors, **buffers}}
+    engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), progress=False)
+    back = hf_tensors(tmp_path / "back")  # the buffers are not written back
+    assert sorted(back) == sorted(tensors)
+    assert all(back[n].dtype == dtype and torch.equal(back[n], tensors[n]) for n in tensors)
+
+
+@pytest.mark.parametrize("stored,config,field", [
+    (dict(rope_theta=500000.0), {}, "rope_theta 10000"),
+    (LLAMA3_ROPE, dict(rope_theta=500000.0, max_position_embeddings=8192), "rope_theta 500000"),
+    ({}, LLAMA3_ROPE, "rope_scaling (llama3, factor 8)"),
+    (dict(head_dim=8), {}, "head_dim 16"),
+])
+def test_an_inv_freq_that_contradicts_the_config_is_refused(tmp_path, capsys, stored, config,
+                                                            field):
+    save_with_inv_freq(tmp_path / "wrong", **stored)
+    save_tiny_llama(str(tmp_path / "hf"), **config)
+    wrong = hf_tensors(tmp_path / "wrong")
+    tensors = {**hf_tensors(tmp_path / "hf"),
+               **{INV_FREQ.format(layer): wrong[INV_FREQ.format(layer)].clone() for layer in range(2)}}
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    err = _error(capsys, ["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "out")])
+    assert INV_FREQ.format(0) in err and "contradicts config.json's" in err and field in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- errors
 
 

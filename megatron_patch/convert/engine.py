@@ -16,9 +16,10 @@ import os
 import sys
 
 from megatron_patch.convert import megatron_io as mio
+from megatron_patch.convert.derived import mismatch
 from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
 from megatron_patch.convert.io_utils import CheckpointError, TensorSpill, atomic_directory
-from megatron_patch.convert.mapping import Binding, bind_stage
+from megatron_patch.convert.mapping import LAYER, Binding, bind_stage
 from megatron_patch.convert.ops import Dims
 from megatron_patch.convert.sharding import split_tensor, stage_layers
 from megatron_patch.families.base import Family, ModelArgs
@@ -216,6 +217,7 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
     args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     hf = HFReader(load)
+    _check_derived_buffers(hf, family, args, report)
     with atomic_directory(save, overwrite) as root:
         has_tokenizer = copy_side_files(load, os.path.join(root, TOKENIZER_DIR))
         meta = build_metadata(family, args, target, hf.config, has_tokenizer)
@@ -227,6 +229,24 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
         _check_all_consumed(hf.unconsumed(), load)
     report.tensors_read = len(hf.reads)
     return meta
+
+
+def _check_derived_buffers(hf: HFReader, family: Family, args: ModelArgs,
+                           report: Report) -> None:
+    """Each derived buffer (``family.derived_buffers``) the checkpoint stores must be what its
+    config gives; it is then consumed, and never written (see :mod:`.derived`)."""
+    for buffer in family.derived_buffers:
+        found = [name for name in buffer.names(args.num_layers) if hf.has(name)]
+        for name in found:
+            problem = mismatch(hf.get(name), buffer.kind.expected(args))
+            if problem:
+                raise CheckpointError(f"{hf.path}: {name} {problem}: it contradicts "
+                                      f"config.json's {buffer.kind.config_fields(args)}")
+        if found:
+            report.notes.append(
+                f"skipped {len(found)} {buffer.hf.replace(LAYER, '*')} buffer(s) after "
+                f"checking them against {buffer.kind.config_fields(args)} (derived from the "
+                f"config: not stored on the Megatron side, not written back to HF)")
 
 
 def _consume_tied_head(hf: HFReader, args: ModelArgs) -> None:

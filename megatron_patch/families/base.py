@@ -98,6 +98,9 @@ class Family:
     hf_fixed: dict                         # fixed config.json values written on the way back
     sizes: dict[str, dict]                 # MODEL_SIZE -> ModelArgs fields
     weights: Callable[["ModelArgs"], list]  # ModelArgs -> weight-mapping rows
+    # HF-only buffers computed from config.json (convert.derived.Derived): checked against the
+    # config when a checkpoint stores them, then skipped; never written.
+    derived_buffers: tuple = ()
     # Hooks for what a field table cannot say (special fields, refusals).
     read_extra: Callable[[dict, str], dict] = field(default=lambda cfg, path: {})
     write_extra: Callable[["ModelArgs"], dict] = field(default=lambda args: {})

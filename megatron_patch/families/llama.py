@@ -4,11 +4,12 @@ Config fields from transformers' ``LlamaConfig``; sizes from the Llama 2 and Lla
 their released config.json files."""
 from __future__ import annotations
 
+from megatron_patch.convert.derived import Derived, RotaryInvFreq
 from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import Concat, FuseQKV, PadVocab
 from megatron_patch.convert.sharding import COLUMN, ROW, Split
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
-from megatron_patch.families.rope import read_rope, write_rope
+from megatron_patch.families.rope import LLAMA3_FIXED, read_rope, write_rope
 
 CONFIG_FIELDS = (
     ConfigField("num_hidden_layers", "num_layers"),
@@ -89,6 +90,12 @@ def weights(args: ModelArgs) -> list[Row]:
     return rows
 
 
+# Llama exports from older transformers releases (Llama 1/2 and their fine-tunes) store each
+# layer's rotary inv_freq, a function of rope_theta, head_dim and rope_scaling.
+DERIVED_BUFFERS = (
+    Derived("model.layers.{layer}.self_attn.rotary_emb.inv_freq", RotaryInvFreq(LLAMA3_FIXED)),
+)
+
 LLAMA = Family(
     name="llama",
     hf_model_types=("llama",),
@@ -101,6 +108,7 @@ LLAMA = Family(
                   attention_dropout=0.0, initializer_range=0.02, use_cache=True),
     sizes=SIZES,
     weights=weights,
+    derived_buffers=DERIVED_BUFFERS,
     read_extra=read_extra,
     write_extra=write_extra,
 )
