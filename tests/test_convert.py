@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, run_python, run_torchrun, save_tiny_llama
+from helpers import REPO, run_python, run_torchrun, save_tiny_llama, train_tiny_tokenizer
 from megatron_patch.convert import engine
 from megatron_patch.convert.__main__ import main as convert_main
 from megatron_patch.convert.hf_io import HFReader
@@ -171,7 +171,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     assert not (tmp_path / "mg").exists()
 
 
-def test_extra_vocab_rows_are_zero_and_dropped_on_the_way_back(tmp_path):
+def test_extra_vocab_rows_are_zero_and_dropped_on_the_way_back(tmp_path, capsys):
     hf_dir = save_tiny_llama(str(tmp_path / "hf"), vocab_size=250)
     meta = to_megatron(hf_dir, tmp_path / "mg", tp=2, extra_vocab_size=20,
                        make_vocab_size_divisible_by=16)
@@ -179,8 +179,71 @@ def test_extra_vocab_rows_are_zero_and_dropped_on_the_way_back(tmp_path):
     shard = torch.load(tmp_path / "mg" / "release" / "mp_rank_01" / "model_optim_rng.pt",
                        weights_only=False)["model"]["embedding.word_embeddings.weight"]
     assert shard.shape[0] == 144 and torch.count_nonzero(shard[250 - 144:]) == 0
-    engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), progress=False)
+    assert convert_main(["--load", str(tmp_path / "mg"), "--save", str(tmp_path / "back"),
+                         "--megatron-to-hf", "--no-progress"]) == 0
+    assert ("; dropped 20 --extra-vocab-size rows and 18 padding rows: the checkpoint carries no "
+            "tokenizer to name more tokens (config.json vocab_size 250)") in capsys.readouterr().out
     assert_bit_identical(hf_dir, tmp_path / "back")
+
+
+def megatron_with_trained_extra_rows(tmp_path, added: int):
+    """HF vocab 300 -> Megatron PP2 with 30 extra rows (336 in all), then what training new
+    tokens leaves: ``added`` tokens in the checkpoint's tokenizer and every row past the
+    vocabulary trained (random). Returns (HF dir, Megatron dir, {megatron name: rows})."""
+    from transformers import AutoTokenizer
+
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), vocab_size=300)
+    train_tiny_tokenizer(hf_dir, 300)
+    to_megatron(hf_dir, tmp_path / "mg", pp=2, extra_vocab_size=30, make_vocab_size_divisible_by=16)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "mg" / "tokenizer"))
+    assert len(tokenizer) == 300
+    tokenizer.add_tokens([f"<new_{i}>" for i in range(added)])
+    tokenizer.save_pretrained(str(tmp_path / "mg" / "tokenizer"))
+    trained = {}
+    for stage, name in ((0, "embedding.word_embeddings.weight"), (1, "output_layer.weight")):
+        path = tmp_path / "mg" / "release" / f"mp_rank_00_{stage:03d}" / "model_optim_rng.pt"
+        payload = torch.load(path, weights_only=False)
+        payload["model"][name][300:] = torch.randn(36, 64)
+        trained[name] = payload["model"][name].clone()
+        torch.save(payload, path)
+    return hf_dir, str(tmp_path / "mg"), trained
+
+
+@pytest.mark.parametrize("added,note", [
+    (20, "kept 20 --extra-vocab-size rows as added tokens (the tokenizer has 320 tokens: "
+         "config.json vocab_size 320), dropped 16 rows past them"),
+    (33, "kept 30 --extra-vocab-size rows and 3 padding rows as added tokens (the tokenizer has "
+         "333 tokens: config.json vocab_size 333), dropped 3 rows past them"),
+    (0, "dropped 30 --extra-vocab-size rows and 6 padding rows: the tokenizer has 300 tokens "
+        "(config.json vocab_size 300)"),
+])
+def test_megatron_to_hf_keeps_the_extra_rows_its_tokenizer_has_tokens_for(tmp_path, capsys,
+                                                                          added, note):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf_dir, mg, trained = megatron_with_trained_extra_rows(tmp_path, added)
+    back = str(tmp_path / "back")
+    assert convert_main(["--load", mg, "--save", back, "--megatron-to-hf", "--no-progress"]) == 0
+    assert "; " + note in capsys.readouterr().out
+    rows, original, tensors = 300 + added, hf_tensors(hf_dir), hf_tensors(back)
+    assert torch.equal(tensors["model.embed_tokens.weight"],
+                       trained["embedding.word_embeddings.weight"][:rows])
+    assert torch.equal(tensors["lm_head.weight"], trained["output_layer.weight"][:rows])
+    assert all(torch.equal(tensors[name], original[name]) for name in original
+               if name not in ("model.embed_tokens.weight", "lm_head.weight"))
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    assert json.load(open(os.path.join(back, "config.json"))) == {**config, "vocab_size": rows}
+    model = LlamaForCausalLM.from_pretrained(back)
+    ids = AutoTokenizer.from_pretrained(back)(f"<new_{added - 1}>" if added else "x").input_ids
+    assert len(AutoTokenizer.from_pretrained(back)) == rows and max(ids) < rows
+    assert model(torch.tensor([ids])).logits.shape[-1] == rows
+
+
+def test_a_tokenizer_with_more_tokens_than_embedding_rows_is_refused(tmp_path, capsys):
+    _, mg, _ = megatron_with_trained_extra_rows(tmp_path, 37)
+    err = _error(capsys, ["--load", mg, "--save", str(tmp_path / "back"), "--megatron-to-hf"])
+    assert "tokenizer has 337 tokens but the checkpoint's embedding has 336 rows" in err
+    assert not (tmp_path / "back").exists()
 
 
 def test_bf16_checkpoint_keeps_its_dtype(tmp_path):

@@ -22,6 +22,7 @@ from megatron_patch.convert.io_utils import CheckpointError, TensorSpill, atomic
 from megatron_patch.convert.mapping import LAYER, Binding, bind_stage
 from megatron_patch.convert.ops import Dims
 from megatron_patch.convert.sharding import split_tensor, stage_layers
+from megatron_patch.convert.vocab_rows import hf_vocab_rows, tokenizer_tokens
 from megatron_patch.families.base import Family, ModelArgs
 from megatron_patch.registry import family_for_model_type, get_family
 from megatron_patch.tokenizers.vocab import padded_vocab_size
@@ -307,14 +308,17 @@ def _consume_tied_output(reader, args) -> None:
 def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
                            progress: bool = True, overwrite: bool = False,
                            report: Report | None = None) -> dict:
-    """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads."""
+    """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads. The HF
+    vocabulary keeps the extra rows that the checkpoint's tokenizer has tokens for
+    (:mod:`.vocab_rows`)."""
     report = report or Report()
     reader, family, args, meta = open_megatron(load, family_name)
     report.source_layout = layout_of(meta)
-    dims = dims_for(args, meta["padded_vocab_size"])
+    hf_args = _hf_vocabulary(reader.root, family, args, meta, report)
+    dims = dims_for(hf_args, meta["padded_vocab_size"])
     fetch = megatron_full_fetcher(reader, args, meta, meta["padded_vocab_size"])
     # Every row once, with global names: the HF side has no pipeline stages.
-    bindings = bind_stage(family.weights(args), range(args.num_layers), True, True)
+    bindings = bind_stage(family.weights(hf_args), range(args.num_layers), True, True)
     with atomic_directory(save, overwrite) as out, \
             _progress(len(bindings), "writing hf", progress) as bar:
         writer = HFWriter(out)
@@ -327,16 +331,33 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
         tokenizer_dir = os.path.join(reader.root, TOKENIZER_DIR)
-        writer.finish(hf_config_for(family, args, meta),
+        writer.finish(hf_config_for(family, hf_args, meta),
                       tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
     return meta
 
 
+def _hf_vocabulary(root: str, family: Family, args: ModelArgs, meta: dict,
+                   report: Report) -> ModelArgs:
+    """``args`` with the vocabulary the HF model gets; what is cut or kept goes to the report."""
+    tokens = tokenizer_tokens(root, meta)
+    rows, note = hf_vocab_rows(args.vocab_size, meta.get("extra_vocab_size", 0),
+                               meta["padded_vocab_size"], tokens,
+                               os.path.join(root, TOKENIZER_DIR))
+    report.notes += [note] if note else []
+    return dataclasses.replace(args, vocab_size=rows)
+
+
 def hf_config_for(family: Family, args: ModelArgs, meta: dict) -> dict:
-    """The original config.json when the model's shape is unchanged, else one rebuilt."""
+    """The original config.json, with the table's fields that changed (a vocabulary grown by
+    kept extra rows) set from ``args``; one rebuilt from ``args`` if that does not read back
+    as ``args``."""
     original = meta.get("hf_config")
-    if original and family.args_from_hf(original) == args:
-        return original
+    if original:
+        read_back = family.args_from_hf(original)
+        updated = {**original, **{f.hf: getattr(args, f.megatron) for f in family.config_fields
+                                  if getattr(read_back, f.megatron) != getattr(args, f.megatron)}}
+        if family.args_from_hf(updated) == args:
+            return updated
     return family.hf_config_from_args(args)
 
 
