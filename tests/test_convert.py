@@ -239,6 +239,26 @@ def test_megatron_to_hf_keeps_the_extra_rows_its_tokenizer_has_tokens_for(tmp_pa
     assert model(torch.tensor([ids])).logits.shape[-1] == rows
 
 
+def test_resharding_to_another_padding_keeps_trained_extra_rows(tmp_path, capsys):
+    _, mg, trained = megatron_with_trained_extra_rows(tmp_path, 20)
+    tp2, tp1 = str(tmp_path / "tp2"), str(tmp_path / "tp1")
+    engine.reshard_megatron(mg, tp2, engine.Target(tensor_parallel=2), progress=False)
+    assert json.load(open(os.path.join(tp2, "megatron_patch.json")))["padded_vocab_size"] == 352
+    report = engine.Report()
+    engine.reshard_megatron(tp2, tp1, engine.Target(tensor_parallel=1), progress=False,
+                            report=report)
+    assert report.notes == ["cut the vocabulary rows from 352 to 336 (vocab 300 + "
+                            "--extra-vocab-size 30, padded)"]
+    for stage, name in ((0, "embedding.word_embeddings.weight"), (1, "output_layer.weight")):
+        path = os.path.join(tp1, "release", f"mp_rank_00_{stage:03d}", "model_optim_rng.pt")
+        assert torch.equal(torch.load(path, weights_only=False)["model"][name], trained[name])
+    assert convert_main(["--load", tp2, "--save", str(tmp_path / "back"), "--megatron-to-hf",
+                         "--no-progress"]) == 0
+    assert "kept 20 --extra-vocab-size rows as added tokens" in capsys.readouterr().out
+    back = hf_tensors(tmp_path / "back")
+    assert torch.equal(back["lm_head.weight"], trained["output_layer.weight"][:320])
+
+
 def test_a_tokenizer_with_more_tokens_than_embedding_rows_is_refused(tmp_path, capsys):
     _, mg, _ = megatron_with_trained_extra_rows(tmp_path, 37)
     err = _error(capsys, ["--load", mg, "--save", str(tmp_path / "back"), "--megatron-to-hf"])

@@ -285,10 +285,13 @@ def open_megatron(load: str, family_name: str | None = None):
 
 
 def megatron_full_fetcher(reader, args, meta, padded_vocab: int):
-    """``fetch(binding) -> full Megatron tensor`` padded to ``padded_vocab`` rows. With the
-    checkpoint's own padding the tensor is taken as stored: trained padding rows of the output
-    layer survive resharding and resuming."""
-    src_dims, dst_dims = dims_for(args, meta["padded_vocab_size"]), dims_for(args, padded_vocab)
+    """``fetch(binding) -> full Megatron tensor`` padded to ``padded_vocab`` rows. Vocabulary
+    rows are carried as stored up to the smaller of the two paddings, so trained extra rows
+    (and trained padding rows of the output layer) survive resharding and resuming at another
+    TP; only rows past ``padded_vocab`` are cut, and new rows are zero."""
+    carried = dataclasses.replace(args, vocab_size=min(meta["padded_vocab_size"], padded_vocab))
+    src_dims = dims_for(carried, meta["padded_vocab_size"])
+    dst_dims = dims_for(carried, padded_vocab)
     per_stage = args.num_layers // reader.pp
 
     def fetch(binding):
@@ -378,6 +381,10 @@ def reshard_megatron(load: str, save: str, target: Target, family_name: str | No
         meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
         meta["dtype"] = src_meta.get("dtype", "float32")
         fetch = megatron_full_fetcher(reader, args, src_meta, meta["padded_vocab_size"])
+        if meta["padded_vocab_size"] < src_meta["padded_vocab_size"]:
+            report.notes.append(f"cut the vocabulary rows from {src_meta['padded_vocab_size']} "
+                                f"to {meta['padded_vocab_size']} (vocab {args.vocab_size} + "
+                                f"--extra-vocab-size {meta['extra_vocab_size']}, padded)")
         _write_checkpoint(family, args, meta, report.counting(fetch), root, progress)
         report.tensors_read = len(reader.consumed)
         _consume_tied_output(reader, args)
