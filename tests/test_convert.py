@@ -481,6 +481,29 @@ def test_seed_wrapper_round_trip(hf_model, tmp_path):
     assert_bit_identical(hf_dir, back)
 
 
+def test_seed_wrapper_overwrites_only_with_overwrite_1(hf_model, tmp_path):
+    import subprocess
+
+    _, hf_dir = hf_model
+    out = tmp_path / "mg"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    argv = ["bash", WRAPPER, "none", hf_dir, str(out), "1", "1", "false"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2 and "OVERWRITE=1 replaces a non-empty TARGET_CKPT_PATH" in \
+        proc.stderr
+    assert (f"error: TARGET_CKPT_PATH '{out}' exists and is not empty; remove it, or run with "
+            f"OVERWRITE=1 to replace it") in proc.stderr and "--overwrite" not in proc.stderr
+    assert os.listdir(out) == ["keep.txt"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ,
+                                                                      "OVERWRITE": "yes"})
+    assert proc.returncode == 2 and "OVERWRITE must be 0 or 1, got 'yes'" in proc.stderr
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ,
+                                                                      "OVERWRITE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "keep.txt" not in os.listdir(out) and "converted hf -> megatron" in proc.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["a", "b", "c"], "expected 6 or 7 arguments, got 3"),
     (["m", "src", "dst", "two", "1", "false"], "TP must be a positive integer"),

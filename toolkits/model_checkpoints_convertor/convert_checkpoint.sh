@@ -9,11 +9,12 @@ usage: model_convertor_huggingface_megatron.sh MEGATRON_PATH SOURCE_CKPT_PATH TA
   MEGATRON_PATH      Megatron-LM checkout whose megatron/core is used (put first on PYTHONPATH);
                      any other value (e.g. none) uses the installed megatron-core
   SOURCE_CKPT_PATH   HF directory (MG2HF=false) or Megatron checkpoint / its release dir (MG2HF=true)
-  TARGET_CKPT_PATH   output directory (must not exist or be empty)
+  TARGET_CKPT_PATH   output directory (must not exist or be empty, unless OVERWRITE=1)
   TP, PP             target tensor / pipeline parallel sizes (positive integers; ignored for MG2HF=true)
   MG2HF              false: HF -> Megatron;  true: Megatron -> HF
   EXTRA_VOCAB_SIZE   extra embedding rows (default 0)
   environment: CKPT_FORMAT=torch|torch_dist (default torch)
+               OVERWRITE=1 replaces a non-empty TARGET_CKPT_PATH (default 0: refuse it)
 USAGE
   [[ -n "${1:-}" ]] && echo "error: $1" >&2
   exit 2
@@ -26,12 +27,21 @@ EXTRA_VOCAB_SIZE=${7:-0}
 [[ $MG2HF == true || $MG2HF == false ]] || usage "MG2HF must be true or false, got '$MG2HF'"
 [[ $EXTRA_VOCAB_SIZE =~ ^[0-9]+$ ]] || usage "EXTRA_VOCAB_SIZE must be a non-negative integer, got '$EXTRA_VOCAB_SIZE'"
 [[ -e $SOURCE_CKPT_PATH ]] || usage "SOURCE_CKPT_PATH '$SOURCE_CKPT_PATH' does not exist"
+OVERWRITE=${OVERWRITE:-0}
+[[ $OVERWRITE == 0 || $OVERWRITE == 1 ]] || usage "OVERWRITE must be 0 or 1, got '$OVERWRITE'"
+# Checked here so that the message names what works with this script (the CLI's says --overwrite).
+if [[ $OVERWRITE == 0 && -d $TARGET_CKPT_PATH && -n $(ls -A "$TARGET_CKPT_PATH") ]]; then
+  usage "TARGET_CKPT_PATH '$TARGET_CKPT_PATH' exists and is not empty; remove it, or run with OVERWRITE=1 to replace it"
+fi
 
 if [[ -d "$MEGATRON_PATH/megatron/core" ]]; then
   export MEGATRON_PATH
   export PYTHONPATH="$MEGATRON_PATH${PYTHONPATH:+:$PYTHONPATH}"
 fi
 flags=(--model-family "$FAMILY" --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH")
+if [[ $OVERWRITE == 1 ]]; then
+  flags+=(--overwrite)
+fi
 if [[ $MG2HF == true ]]; then
   flags+=(--megatron-to-hf)
 else
