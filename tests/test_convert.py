@@ -194,7 +194,8 @@ def megatron_with_trained_extra_rows(tmp_path, added: int):
 
     hf_dir = save_tiny_llama(str(tmp_path / "hf"), vocab_size=300)
     train_tiny_tokenizer(hf_dir, 300)
-    to_megatron(hf_dir, tmp_path / "mg", pp=2, extra_vocab_size=30, make_vocab_size_divisible_by=16)
+    to_megatron(hf_dir, tmp_path / "mg", pp=2, extra_vocab_size=30,
+                make_vocab_size_divisible_by=16)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "mg" / "tokenizer"))
     assert len(tokenizer) == 300
     tokenizer.add_tokens([f"<new_{i}>" for i in range(added)])

@@ -5,7 +5,7 @@
         --target-tensor-model-parallel-size 2 --target-pipeline-model-parallel-size 2
     # Megatron (any layout) -> HF
     python -m megatron_patch.convert --megatron-to-hf --load mg_dir --save hf_dir
-    # Megatron -> Megatron at another layout (what is not given keeps the source's: here PP)
+    # Megatron -> Megatron at another layout (flags not given keep the source's: here PP)
     python -m megatron_patch.convert --load mg_dir --save mg_tp1 --target-tensor-model-parallel-size 1
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint's metadata. Must match them when given.")
     parser.add_argument("--megatron-to-hf", action="store_true",
                         help="convert a Megatron checkpoint back to HF")
-    parser.add_argument("--target-tensor-model-parallel-size", type=int, metavar="N", default=None,
+    parser.add_argument("--target-tensor-model-parallel-size", type=int, metavar="N",
                         help="tensor-parallel size written; " + SOURCE_DEFAULT.format(hf=1))
-    parser.add_argument("--target-pipeline-model-parallel-size", type=int, metavar="N", default=None,
+    parser.add_argument("--target-pipeline-model-parallel-size", type=int, metavar="N",
                         help="pipeline-parallel size written; " + SOURCE_DEFAULT.format(hf=1))
     parser.add_argument("--extra-vocab-size", type=int, metavar="N", default=None,
                         help="extra embedding rows for tokens added later (padded with zeros); "
@@ -106,8 +106,8 @@ def summary_line(sides: tuple[str, str], meta: dict, report, save: str, seconds:
     (source, target), m = sides, meta["model_args"]
     files = [os.path.join(d, name) for d, _, names in os.walk(save) for name in names]
     size = sum(os.path.getsize(f) for f in files)
-    line = (f"converted {source} -> {target}: family {meta['family']}, {m['num_layers']} layers, hidden "
-            f"{m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}); "
+    line = (f"converted {source} -> {target}: family {meta['family']}, {m['num_layers']} "
+            f"layers, hidden {m['hidden_size']}, vocab {m['vocab_size']} (padded {meta['padded_vocab_size']}); "
             f"{report.tensors_read} {source.split()[0]} tensors read, {report.tensors_written} "
             f"{target.split()[0]} tensors written, "
             f"{_bytes(size)} in {len(files)} files, {seconds:.1f}s -> {os.path.abspath(save)}")
