@@ -46,7 +46,10 @@ TRAINING = ["--micro-batch-size", "1", "--seq-length", "8", "--lr", "1e-3"]
     ["-m", "megatron_patch.pretrain", *TRAINING],
     ["-m", "megatron_patch.finetune", *TRAINING, "--train-data", "x.json"],
     ["-m", "megatron_patch.generate", "--load", "x", "--input-file", "x", "--output-file", "y"],
-], ids=["pretrain", "finetune", "generate"])
+    ["-m", "megatron_patch.convert", "--load", "x", "--save", "y"],
+    ["-m", "megatron_patch.data.sft_preprocess", "--input", "x", "--output-prefix", "y",
+     "--tokenizer-type", "llamabpe", "--tokenizer-model", "t", "--seq-length", "8"],
+], ids=["pretrain", "finetune", "generate", "convert", "sft_preprocess"])
 def test_an_unsupported_megatron_core_is_one_line_and_exit_2(tmp_path, argv):
     proc = run_python(argv, env={"MEGATRON_PATH": old_checkout(tmp_path)}, check=False)
     assert proc.returncode == 2

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_patch import compat
+
+    compat.exit_unless_supported()
     from megatron_patch.convert import engine
     from megatron_patch.convert.io_utils import CheckpointError, unmap_large_allocations_on_free
 

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; one clear error line (file:line for bad records) and status 2 on bad input."""
     args = build_parser().parse_args(argv)
+    from megatron_patch import compat
+
+    compat.exit_unless_supported()  # the mmap writer is megatron-core's
     # Imported here: the tokenizer builder pulls in the tokenizer libraries only when needed.
     from megatron_patch.tokenizers import build_tokenizer
 
