@@ -324,3 +324,39 @@ def test_seed_wrapper_usage(args, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: run_make_pretraining_dataset.sh MEGATRON_PATH")
     assert message in proc.stderr
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def load_bench_preprocess():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "toolkits", "benchmarks", "bench_preprocess.py")
+    spec = importlib.util.spec_from_file_location("bench_preprocess", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_mixed_corpus_and_output_check(tmp_path):
+    """The benchmark's mixed corpus is reproducible Chinese, English and mixed documents, and
+    its byte comparison names the file that differs (the benchmark then fails)."""
+    bench = load_bench_preprocess()
+    english = [t for _, t in zip(range(20), iter_stdlib_docstrings())]
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    for path in paths:
+        assert bench.write_mixed_corpus(str(path), 60, english) == 60
+    assert filecmp.cmp(*paths, shallow=False)
+    texts = [json.loads(line)["text"] for line in open(paths[0], encoding="utf-8")]
+    has_chinese = [any("\u4e00" <= c <= "\u9fff" for c in text) for text in texts]
+    has_english = [any(word in text for word in (" the ", " a ", " of ")) for text in texts]
+    assert sum(has_chinese) > 20 and sum(not c for c in has_chinese) > 10
+    assert sum(c and e for c, e in zip(has_chinese, has_english)) > 5  # mixed documents
+    for prefix, tail in (("ours", b"\x01"), ("same", b"\x01"), ("other", b"\x02")):
+        (tmp_path / f"{prefix}.bin").write_bytes(b"\x00" + tail)
+        (tmp_path / f"{prefix}.idx").write_bytes(b"idx")
+    assert bench.different_outputs(str(tmp_path / "ours"), str(tmp_path / "same")) == []
+    assert bench.different_outputs(str(tmp_path / "ours"), str(tmp_path / "other")) == [
+        f"{tmp_path / 'other'}.bin"]
