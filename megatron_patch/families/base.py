@@ -24,6 +24,21 @@ class ModelArgs:
     rotary_base: float = 10000.0
     rope_scaling_factor: Optional[float] = None   # Llama-3.1 style scaling when set
     tie_embeddings: bool = False
+    # The architecture: what a checkpoint's config.json decides and the model builder, the
+    # converter and the generator read (never a family's name). A family fixes some of these
+    # (Family.architecture) and reads the rest from config.json. The defaults are llama's,
+    # which megatron_patch.json files written before these fields existed imply.
+    normalization: str = "RMSNorm"         # RMSNorm | LayerNorm (with bias)
+    activation: str = "silu"               # silu | gelu (erf) | gelu_tanh | relu
+    gated_linear_unit: bool = True         # [gate; up] first MLP matrix (SwiGLU / GeGLU)
+    add_bias_linear: bool = False          # a bias on every linear layer
+    add_qkv_bias: bool = False             # a bias on the QKV projection only
+    position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
+    rotary_percent: float = 1.0            # fraction of the head dim that rotates
+    position_embedding_offset: int = 0     # learned positions start at this row (OPT: 2)
+    embedding_norm: bool = False           # a LayerNorm right after the word embeddings
+    parallel_attention: bool = False       # attention and MLP read the same input (falcon)
+    parallel_attention_norms: int = 1      # with parallel attention: 1 shared or 2 input norms
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -94,7 +109,7 @@ class Family:
     hf_architecture: str
     tokenizer: str                         # the seed's tokenizer name (megatron_patch.tokenizers)
     config_fields: tuple[ConfigField, ...]
-    architecture: dict                     # fixed TransformerConfig / GPTModel values
+    architecture: dict                     # ModelArgs architecture fields the family fixes
     hf_fixed: dict                         # fixed config.json values written on the way back
     sizes: dict[str, dict]                 # MODEL_SIZE -> ModelArgs fields
     weights: Callable[["ModelArgs"], list]  # ModelArgs -> weight-mapping rows
@@ -110,7 +125,7 @@ class Family:
         """HF config.json dict -> ModelArgs (raises ValueError naming the file and field)."""
         values = {f.megatron: f.read(hf_config, path) for f in self.config_fields}
         values.update(self.read_extra(hf_config, path))
-        return ModelArgs(family=self.name, **values)
+        return ModelArgs(family=self.name, **{**self.architecture, **values})
 
     def hf_config_from_args(self, args: ModelArgs) -> dict:
         """ModelArgs -> a config.json dict that transformers loads as this family."""
@@ -125,4 +140,5 @@ class Family:
         if size not in self.sizes:
             raise ValueError(f"unknown MODEL_SIZE '{size}' for {self.name}; "
                              f"choose one of: {', '.join(self.sizes)}")
-        return ModelArgs(family=self.name, **{**self.sizes[size], **overrides})
+        return ModelArgs(family=self.name,
+                         **{**self.architecture, **self.sizes[size], **overrides})

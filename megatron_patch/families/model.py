@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,12 @@ import torch.nn.functional as F
 from megatron_patch import compat
 from megatron_patch.families.base import Family, ModelArgs
 
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+# ModelArgs.activation -> the function megatron-core's MLP applies (to the gate half when gated)
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
+                "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+# ModelArgs.position_embedding_type -> GPTModel's (ALiBi lives in core attention instead)
+_GPT_POSITIONS = {"rope": "rope", "learned_absolute": "learned_absolute", "alibi": "none",
+                  "none": "none"}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -22,7 +28,6 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
     compat.require_megatron_core()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    arch = family.architecture
     dtype = PRECISION_DTYPES[precision]
     fields = dict(
         num_layers=args.num_layers,
@@ -32,10 +37,11 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
         num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels,
         layernorm_epsilon=args.norm_epsilon,
-        normalization=arch["normalization"],
-        gated_linear_unit=arch["gated_linear_unit"],
-        activation_func=_ACTIVATIONS[arch["activation"]],
-        add_bias_linear=arch["add_bias_linear"],
+        normalization=args.normalization,
+        gated_linear_unit=args.gated_linear_unit,
+        activation_func=_ACTIVATIONS[args.activation],
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         hidden_dropout=0.0,
@@ -67,12 +73,19 @@ def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
-    if attention == "sdpa":
+    if attention not in ("sdpa", "local"):
+        raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
+    if args.position_embedding_type == "alibi":
+        if attention == "local":
+            raise ValueError("ALiBi needs the sdpa attention backend: megatron-core's local "
+                             "attention has no ALiBi (drop --attention-backend local)")
+        from megatron_patch.layers.alibi_attention import ALiBiAttention
+
+        spec.submodules.self_attention.submodules.core_attention = ALiBiAttention
+    elif attention == "sdpa":
         from megatron_patch.layers.sdpa_attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    elif attention != "local":
-        raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
     return spec
 
 
@@ -100,7 +113,6 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
 
     from megatron_patch.layers.padded_vocab import mask_padded_logits
 
-    arch = family.architecture
     factor = args.rope_scaling_factor
     model = GPTModel(
         config=config,
@@ -110,7 +122,8 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=args.tie_embeddings,
-        position_embedding_type=arch["position_embedding_type"],
+        position_embedding_type=_GPT_POSITIONS[args.position_embedding_type],
+        rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
         rope_scaling=factor is not None,
         rope_scaling_factor=factor or 8.0,

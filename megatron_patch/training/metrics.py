@@ -14,14 +14,14 @@ from megatron_patch import compat
 
 def flops_per_iteration(model_args, batch_size: int, seq_length: int, padded_vocab: int) -> float:
     """Megatron-LM's ``num_floating_point_operations`` for a dense GPT with grouped-query
-    attention and SwiGLU: forward + backward (x3), two FLOPs per multiply-add (x2), plus the
-    logit layer."""
+    attention: forward + backward (x3), two FLOPs per multiply-add (x2), plus the logit layer;
+    a gated MLP has three matrices instead of two."""
     m = model_args
     expansion = 3 * 2 * 2
     query_ratio = m.kv_channels * m.num_attention_heads / m.hidden_size
     attention = (1 + m.num_query_groups / m.num_attention_heads + seq_length / m.hidden_size) \
         * query_ratio
-    mlp = m.ffn_hidden_size / m.hidden_size * 1.5  # gated linear unit: three matrices
+    mlp = m.ffn_hidden_size / m.hidden_size * (1.5 if m.gated_linear_unit else 1.0)
     logits = padded_vocab / (2 * m.num_layers * m.hidden_size)
     return (expansion * batch_size * seq_length * m.num_layers * m.hidden_size ** 2
             * (attention + mlp + logits))

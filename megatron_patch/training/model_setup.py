@@ -80,7 +80,7 @@ def _args_from_flags(args, family, given: dict) -> ModelArgs:
     gated = family.architecture.get("gated_linear_unit", False)
     fields = dict(ffn_hidden_size=int(4 * hidden * 2 / 3 / 64) * 64 if gated else 4 * hidden,
                   max_position_embeddings=args.seq_length, tie_embeddings=True)
-    return ModelArgs(family=family.name, **{**fields, **given})
+    return ModelArgs(family=family.name, **{**family.architecture, **fields, **given})
 
 
 def _model_args(args, meta) -> tuple[object, ModelArgs]:
