@@ -85,3 +85,28 @@ def save_tiny_llama(output_dir: str, seed: int = 0, qk_scale: float = 1.0, **ove
                 param.mul_(qk_scale)
     model.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
+
+
+def save_tiny_hf(family_name: str, output_dir: str, size: str = "tiny", seed: int = 0,
+                 qk_scale: float = 1.0, **overrides) -> str:
+    """A random HF model of any registered family, from its sizes-table row (``overrides`` are
+    ModelArgs fields): the config.json the family's own declaration writes, the weights drawn
+    by transformers, norms randomised (as in :func:`save_tiny_llama`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_patch.registry import get_family
+
+    family = get_family(family_name)
+    config = family.hf_config_from_args(family.args_for_size(size, **overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(("ln_attn.weight", "ln_mlp.weight", "ln_f.weight")):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.02)  # transformers zeroes them: a swapped bias would hide
+            if any(p in name for p in ("q_proj", "k_proj", "query_key_value")):
+                param.mul_(qk_scale)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir

@@ -105,7 +105,7 @@ def stage_bindings(family: Family, args: ModelArgs, pp: int, stage: int) -> list
     if args.tie_embeddings and pp > 1 and stage == pp - 1:
         embedding = bind_stage([r for r in rows if r.stage == "first"], range(0), True, False)
         bindings += [dataclasses.replace(b, megatron_local="output_layer.weight")
-                     for b in embedding if b.megatron_local.startswith("embedding.")]
+                     for b in embedding if b.megatron_local == "embedding.word_embeddings.weight"]
     return bindings
 
 

@@ -84,17 +84,20 @@ _REQUIRED = object()
 class ConfigField:
     """One HF ``config.json`` field <-> one :class:`ModelArgs` field.
 
-    ``default`` is used when the HF field is absent or null: a value, or a function of the HF
-    config dict. Without a default the field is required."""
+    ``hf`` is the field written on the way back; ``aliases`` are older spellings also read
+    (BLOOM's ``n_embed`` for ``hidden_size``). ``default`` is used when the HF field is absent
+    or null: a value, or a function of the HF config dict. Without a default the field is
+    required."""
 
     hf: str
     megatron: str
     default: Any = _REQUIRED
+    aliases: tuple[str, ...] = ()
 
     def read(self, hf_config: dict, path: str) -> Any:
-        value = hf_config.get(self.hf)
-        if value is not None:
-            return value
+        for name in (self.hf, *self.aliases):
+            if hf_config.get(name) is not None:
+                return hf_config[name]
         if self.default is _REQUIRED:
             raise ValueError(f"{path}: config.json has no '{self.hf}'")
         return self.default(hf_config) if callable(self.default) else self.default

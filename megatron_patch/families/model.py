@@ -73,6 +73,14 @@ def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
+    if args.parallel_attention:  # differs from llama: attention and MLP read the same input
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        from megatron_patch.layers.parallel_layer import ParallelAttentionMLPLayer
+
+        spec.module = ParallelAttentionMLPLayer
+        if args.parallel_attention_norms == 1:
+            spec.submodules.pre_mlp_layernorm = IdentityOp
     if attention not in ("sdpa", "local"):
         raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
     if args.position_embedding_type == "alibi":
@@ -111,6 +119,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_patch.layers import embedding_extras
     from megatron_patch.layers.padded_vocab import mask_padded_logits
 
     factor = args.rope_scaling_factor
@@ -118,7 +127,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         config=config,
         transformer_layer_spec=block_spec(family, args, config, attention),
         vocab_size=padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        max_sequence_length=args.max_position_embeddings + args.position_embedding_offset,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=args.tie_embeddings,
@@ -128,6 +137,10 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         rope_scaling=factor is not None,
         rope_scaling_factor=factor or 8.0,
     )
+    if pre_process and args.embedding_norm:
+        embedding_extras.add_embedding_norm(model.embedding, config, args.norm_epsilon)
+    if pre_process and args.position_embedding_offset:
+        embedding_extras.offset_positions(model.embedding, args.position_embedding_offset)
     if post_process:
         mask_padded_logits(model.output_layer, args.vocab_size, padded_vocab_size,
                            ps.get_tensor_model_parallel_rank(), config.tensor_model_parallel_size)

@@ -250,10 +250,24 @@ def check_architecture(args, family) -> None:
                              f"--model-family it describes")
 
 
+# What no Megatron-LM flag can ask for: families with these need --model-family.
+_NOT_IN_MEGATRON_LM = dict(embedding_norm=True, parallel_attention=True)
+
+
+def describable(family) -> bool:
+    """Whether Megatron-LM's flags can describe ``family`` (no ALiBi, embedding norm, parallel
+    attention or position offset)."""
+    arch = family.architecture
+    return (arch.get("position_embedding_type") in ("rope", "learned_absolute", "none")
+            and not arch.get("position_embedding_offset")
+            and not any(arch.get(k) == v for k, v in _NOT_IN_MEGATRON_LM.items()))
+
+
 def infer_family(args, families):
     """The one registered family whose architecture the flags describe (Megatron-LM's defaults
-    for the flags not given)."""
+    for the flags not given), among those Megatron-LM's flags can describe at all."""
     described = {**MEGATRON_DEFAULTS, **{k: v for k, (_, v) in given_architecture(args).items()}}
+    families = [f for f in families if describable(f)]
     differences = {}
     for family in families:
         fixed = family_architecture(family)
