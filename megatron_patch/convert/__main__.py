@@ -7,6 +7,9 @@
     python -m megatron_patch.convert --megatron-to-hf --load mg_dir --save hf_dir
     # Megatron -> Megatron at another layout (flags not given keep the source's: here PP)
     python -m megatron_patch.convert --load mg_dir --save mg_tp1 --target-tensor-model-parallel-size 1
+    # a checkpoint Megatron-LM saved (no megatron_patch metadata: the shape comes from its args)
+    python -m megatron_patch.convert --megatron-to-hf --load mlm_ckpt --save hf_dir \\
+        --model-family llama --tokenizer-path tokenizer_dir   # or --vocab-size N
 """
 from __future__ import annotations
 
@@ -60,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt-format", choices=("torch", "torch_dist"), default="torch",
                         help="torch: Megatron-LM's mp_rank_* files; torch_dist: a megatron-core "
                              "distributed checkpoint (reshardable at load time)")
+    parser.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
+                        default=None,
+                        help="the names written in torch rank files: megatron-core's local "
+                             "spec's (input_layernorm.weight, ...) or the Transformer Engine "
+                             "spec's (self_attention.linear_qkv.layer_norm_weight, ..., "
+                             "_extra_state): use your Megatron-LM run's --transformer-impl. "
+                             "Either is read (from the keys); torch_dist stores the same names "
+                             "for both. " + SOURCE_DEFAULT.format(hf="local"))
+    group = parser.add_argument_group(
+        "checkpoints Megatron-LM saved (no megatron_patch metadata: the shape comes from the "
+        "args stored in them; --model-family names the family)")
+    group.add_argument("--tokenizer-path", metavar="DIR",
+                       help="the tokenizer Megatron-LM trained with (an HF tokenizer directory, "
+                            "or a SentencePiece model file): its tokens are the true "
+                            "vocabulary, and its files go to the HF output")
+    group.add_argument("--vocab-size", type=int, metavar="N",
+                       help="the true vocabulary (rows past it are padding and are cut); "
+                            "default: --tokenizer-path's, or N+1 for Megatron-LM's "
+                            "NullTokenizer --vocab-size N")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -73,13 +95,18 @@ def main(argv=None) -> int:
     from megatron_patch.convert import engine
     from megatron_patch.convert.io_utils import CheckpointError, unmap_large_allocations_on_free
 
+    import torch.distributed as dist
+
     unmap_large_allocations_on_free()
-    start, report = time.time(), engine.Report()
+    start, report, had_group = time.time(), engine.Report(), dist.is_initialized()
     try:
         sides, meta = _convert(args, report)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if not had_group:  # the one torch_dist brought up (NCCL warns at exit otherwise)
+            compat.destroy_parallel()
     print(summary_line(sides, meta, report, args.save, time.time() - start))
     return 0
 
@@ -88,19 +115,41 @@ def _convert(args, report) -> tuple[tuple[str, str], dict]:
     """Run the conversion ``args`` ask for -> ((source, target) with layouts, metadata)."""
     from megatron_patch.convert import engine
 
+    from megatron_patch.convert.checkpoint_args import Vocabulary
+
     target = engine.Target(args.target_tensor_model_parallel_size,
                            args.target_pipeline_model_parallel_size, args.extra_vocab_size,
-                           args.make_vocab_size_divisible_by, args.ckpt_format)
+                           args.make_vocab_size_divisible_by, args.ckpt_format,
+                           args.transformer_impl)
     common = dict(family_name=args.model_family, progress=not args.no_progress,
                   overwrite=args.overwrite, report=report)
+    vocabulary = Vocabulary(args.vocab_size, args.tokenizer_path)
+    from_hf = not args.megatron_to_hf and os.path.isfile(os.path.join(args.load, "config.json"))
+    _check_flags(args, from_hf)
     if args.megatron_to_hf:
-        meta = engine.convert_megatron_to_hf(args.load, args.save, **common)
+        meta = engine.convert_megatron_to_hf(args.load, args.save, vocabulary=vocabulary,
+                                             **common)
         return (f"megatron ({report.source_layout})", "hf"), meta
-    if os.path.isfile(os.path.join(args.load, "config.json")):
+    if from_hf:
         meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
         return ("hf", f"megatron ({engine.layout_of(meta)})"), meta
-    meta = engine.reshard_megatron(args.load, args.save, target, **common)
+    meta = engine.reshard_megatron(args.load, args.save, target, vocabulary=vocabulary,
+                                   **common)
     return (f"megatron ({report.source_layout})", f"megatron ({engine.layout_of(meta)})"), meta
+
+
+def _check_flags(args, from_hf: bool) -> None:
+    """Flags that mean nothing for this direction are errors, not silently ignored."""
+    if args.megatron_to_hf and args.transformer_impl:
+        raise ValueError("--transformer-impl names the scheme written to a Megatron checkpoint; "
+                         "the source's is read from its keys (drop it with --megatron-to-hf)")
+    given = [flag for flag, value in (("--vocab-size", args.vocab_size),
+                                      ("--tokenizer-path", args.tokenizer_path)) if value]
+    if from_hf and given:
+        raise ValueError(f"{given[0]} is for Megatron checkpoints without metadata; an HF "
+                         f"--load has its own vocabulary (config.json vocab_size)")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size must be at least 1, got {args.vocab_size}")
 
 
 def summary_line(sides: tuple[str, str], meta: dict, report, save: str, seconds: float) -> str:

@@ -3,7 +3,13 @@
 A torch_dist checkpoint stores global tensors with their shard layout, so megatron-core
 reshards it at load time for any TP/PP. The converter therefore writes it from one process at
 TP1/PP1 (the model is built once, with its weights filled in place, so host memory stays near
-one copy) and reads it back the same way."""
+one copy) and reads it back the same way, Megatron-LM's own (any TP/PP, either spec) too.
+
+The keys are megatron-core's: its local spec stores the Transformer Engine spec's names here
+(see :mod:`.naming`), so one layout serves both. The common state (``common.pt``) holds
+``megatron_patch`` (our metadata) and Megatron-LM's ``args``; Megatron-LM's adds its
+``optimizer`` / ``opt_param_scheduler`` state, and its sharded part ``optimizer.state.*`` and
+``rng_state``, none of which the converter reads."""
 from __future__ import annotations
 
 import os
@@ -11,8 +17,11 @@ import os
 import torch
 
 from megatron_patch import compat
+from megatron_patch.convert.checkpoint_args import megatron_lm_args
 from megatron_patch.convert.io_utils import CheckpointError
 from megatron_patch.convert.megatron_io import CHECKPOINT_VERSION, resolve_checkpoint
+
+COMMON_FILE = "common.pt"
 
 
 def _single_process_model(family, args, padded_vocab: int, dtype: str = "float32"):
@@ -51,7 +60,28 @@ def save_torch_dist(family, args, meta, fetch, iter_dir: str, progress: bool = T
     os.makedirs(iter_dir, exist_ok=True)
     dist_checkpointing.save({"model": model.sharded_state_dict(),
                              "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                             "megatron_patch": meta}, iter_dir)
+                             "args": megatron_lm_args(meta), "megatron_patch": meta}, iter_dir)
+
+
+def read_common_state(iter_dir: str) -> dict:
+    """The non-sharded part of a torch_dist checkpoint (``common.pt``)."""
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(iter_dir, COMMON_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{iter_dir}: torch_dist checkpoint without {COMMON_FILE}")
+    try:
+        return dist_checkpointing.load_common_state_dict(iter_dir)
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise CheckpointError(f"{path}: cannot unpickle it without the code that wrote it "
+                              f"({err}); put that Megatron-LM checkout on PYTHONPATH "
+                              f"(MEGATRON_PATH)") from err
+
+
+def _weights_only(sharded: dict) -> dict:
+    """The model's sharded state without its ``_extra_state`` objects: Transformer Engine's
+    FP8 metadata, which neither the local spec nor the HF side holds."""
+    return {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
 
 
 class TorchDistReader:
@@ -72,7 +102,8 @@ class TorchDistReader:
         args = ModelArgs.from_dict(meta["model_args"])
         model = _single_process_model(get_family(meta["family"]), args,
                                       meta["padded_vocab_size"], meta.get("dtype", "float32"))
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, self.iter_dir)
+        loaded = dist_checkpointing.load({"model": _weights_only(model.sharded_state_dict())},
+                                         self.iter_dir)
         model.load_state_dict(loaded["model"], strict=False)
         self._state = {k: v for k, v in model.state_dict().items()
                        if not k.endswith("_extra_state")}

@@ -16,6 +16,8 @@ import os
 import sys
 
 from megatron_patch.convert import megatron_io as mio
+from megatron_patch.convert import naming
+from megatron_patch.convert.checkpoint_args import Vocabulary, count_tokenizer, metadata_from_args
 from megatron_patch.convert.derived import mismatch
 from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
 from megatron_patch.convert.io_utils import CheckpointError, TensorSpill, atomic_directory
@@ -40,6 +42,7 @@ class Target:
     extra_vocab_size: int | None = None
     make_vocab_size_divisible_by: int | None = None
     ckpt_format: str = "torch"
+    transformer_impl: str | None = None   # the naming scheme written (:mod:`.naming`)
 
     def filled(self, defaults: dict) -> "Target":
         """This target with its ``None`` fields taken from ``defaults``."""
@@ -47,9 +50,10 @@ class Target:
                                             if getattr(self, key) is None})
 
 
-# Megatron-LM's defaults (--make-vocab-size-divisible-by 128) and the seed's (no extra rows).
+# Megatron-LM's defaults (--make-vocab-size-divisible-by 128, --transformer-impl local for our
+# layer specs) and the seed's (no extra rows).
 HF_DEFAULTS = dict(tensor_parallel=1, pipeline_parallel=1, extra_vocab_size=0,
-                   make_vocab_size_divisible_by=128)
+                   make_vocab_size_divisible_by=128, transformer_impl=naming.LOCAL)
 
 
 def source_layout(meta: dict) -> dict:
@@ -57,7 +61,8 @@ def source_layout(meta: dict) -> dict:
     return dict(tensor_parallel=meta["tensor_model_parallel_size"],
                 pipeline_parallel=meta["pipeline_model_parallel_size"],
                 extra_vocab_size=meta.get("extra_vocab_size", 0),
-                make_vocab_size_divisible_by=meta.get("make_vocab_size_divisible_by", 128))
+                make_vocab_size_divisible_by=meta.get("make_vocab_size_divisible_by", 128),
+                transformer_impl=meta.get("transformer_impl", naming.LOCAL))
 
 
 @dataclasses.dataclass
@@ -79,9 +84,13 @@ class Report:
 
 
 def layout_of(meta: dict) -> str:
-    """``TP=2, PP=1, torch``: how a Megatron checkpoint is laid out."""
+    """``TP=2, PP=1, torch``: how a Megatron checkpoint is laid out (``, transformer_engine``
+    for a torch checkpoint in that spec's names)."""
+    names = meta.get("ckpt_format", "torch") == "torch" and \
+        meta.get("transformer_impl", naming.LOCAL) != naming.LOCAL
     return (f"TP={meta['tensor_model_parallel_size']}, PP={meta['pipeline_model_parallel_size']}, "
-            f"{meta.get('ckpt_format', 'torch')}")
+            f"{meta.get('ckpt_format', 'torch')}" + (f", {meta['transformer_impl']}" if names
+                                                     else ""))
 
 
 def dims_for(args: ModelArgs, padded: int) -> Dims:
@@ -125,6 +134,7 @@ def build_metadata(family: Family, args: ModelArgs, target: Target, hf_config: d
         "tensor_model_parallel_size": target.tensor_parallel,
         "pipeline_model_parallel_size": target.pipeline_parallel,
         "ckpt_format": target.ckpt_format,
+        "transformer_impl": target.transformer_impl,
         "hf_config": hf_config,
         "tokenizer": {"type": family.tokenizer, "path": TOKENIZER_DIR} if tokenizer else None,
     }
@@ -160,8 +170,12 @@ def write_megatron_stages(family, args, meta, fetch, save_rank, spill_dir: str,
 
 def torch_rank_saver(iter_dir: str, meta: dict):
     """``save_rank`` for the ``torch`` format: one model_optim_rng.pt per rank (a converted
-    checkpoint is iteration 0, "release")."""
+    checkpoint is iteration 0, "release"), in ``meta['transformer_impl']``'s names."""
+    scheme = meta.get("transformer_impl", naming.LOCAL)
+
     def save(stage, rank, state):
+        state = {naming.to_scheme(name, scheme): tensor for name, tensor in state.items()}
+        state.update(dict.fromkeys(naming.extra_state_keys(state, scheme)))
         mio.save_rank_file(iter_dir, rank, stage, meta["pipeline_model_parallel_size"], {
             "model": state, "checkpoint_version": mio.CHECKPOINT_VERSION, "iteration": 0,
             "args": mio.megatron_lm_args(meta), "megatron_patch": meta})
@@ -260,28 +274,89 @@ def _consume_tied_head(hf: HFReader, args: ModelArgs) -> None:
                                   f"differs from model.embed_tokens.weight")
 
 
-def open_megatron(load: str, family_name: str | None = None):
-    """(reader, family, args, meta) of a Megatron checkpoint written by megatron_patch, in
-    either format."""
+def open_megatron(load: str, family_name: str | None = None,
+                  vocabulary: Vocabulary = Vocabulary(), report: Report | None = None):
+    """(reader, family, args, meta) of a Megatron checkpoint in either format: its metadata is
+    the iteration's own (``megatron_patch`` in its rank files or common state), or, for one
+    that Megatron-LM wrote, built from the ``args`` it stores (:mod:`.checkpoint_args`) with
+    ``family_name`` and ``vocabulary``; a megatron_patch.json beside it fills in what they do
+    not say. ``report`` gets a note when the metadata came from Megatron-LM's args."""
     root, iter_dir = mio.resolve_checkpoint(load)
-    meta = mio.read_metadata(root)
     if mio.is_torch_dist(iter_dir):
-        if meta is None:
-            raise CheckpointError(f"{root}: torch_dist checkpoint without {mio.METADATA}")
-        from megatron_patch.convert.dist_io import TorchDistReader
+        from megatron_patch.convert.dist_io import COMMON_FILE, TorchDistReader, read_common_state
 
+        where = os.path.join(iter_dir, COMMON_FILE)
+        meta = _iteration_metadata(root, read_common_state(iter_dir), where, family_name,
+                                   vocabulary, "torch_dist", report)
         reader = TorchDistReader(iter_dir, meta)
     else:
         reader = mio.MegatronReader(iter_dir)
-        meta = meta or reader.meta
-    if meta is None:
-        raise CheckpointError(f"{load}: no {mio.METADATA} and no 'megatron_patch' entry in the "
-                              f"rank files; convert it with megatron_patch first")
+        meta = _iteration_metadata(root, reader.first, reader.first_path, family_name,
+                                   vocabulary, "torch", report)
+        meta = {**meta, "transformer_impl": reader.naming}
+        _check_rank_layout(reader, meta)
     family = get_family(meta["family"])
     if family_name and family_name != family.name:
         raise CheckpointError(f"--model-family {family_name} does not match {load} "
                               f"(family '{family.name}')")
     return reader, family, ModelArgs.from_dict(meta["model_args"]), meta
+
+
+def _iteration_metadata(root: str, payload: dict, where: str, family_name: str | None,
+                        vocabulary: Vocabulary, ckpt_format: str, report) -> dict:
+    """The metadata of one iteration, from its payload (a rank file, a common state)."""
+    root_meta = mio.read_metadata(root)
+    meta = payload.get("megatron_patch")
+    if meta is None and payload.get("args") is None:
+        meta = root_meta  # written by an earlier megatron_patch, without args
+    if meta is not None:
+        _check_vocabulary_flags(meta, vocabulary, where)
+        return meta
+    if payload.get("args") is None:
+        raise CheckpointError(f"{where}: no megatron_patch metadata and no Megatron-LM 'args': "
+                              f"not a checkpoint megatron_patch or Megatron-LM wrote")
+    family = _family_for_args(family_name, root_meta, where)
+    meta, note = metadata_from_args(payload["args"], family, vocabulary, root_meta, ckpt_format,
+                                    where)
+    if report is not None:
+        report.notes.append(note)
+    return meta
+
+
+def _family_for_args(family_name: str | None, root_meta: dict | None, where: str) -> Family:
+    stored = (root_meta or {}).get("family")
+    if family_name and stored and family_name != stored:
+        raise CheckpointError(f"--model-family {family_name} does not match the "
+                              f"{mio.METADATA} beside {where} (family '{stored}')")
+    if not (family_name or stored):
+        raise CheckpointError(f"{where}: no megatron_patch metadata (a checkpoint Megatron-LM "
+                              f"wrote): give --model-family, the family it trained; its args "
+                              f"give the shape")
+    return get_family(family_name or stored)
+
+
+def _check_vocabulary_flags(meta: dict, vocabulary: Vocabulary, where: str) -> None:
+    """--vocab-size / --tokenizer-path given for a checkpoint with metadata must agree."""
+    vocab = meta["model_args"]["vocab_size"]
+    if vocabulary.size is not None and vocabulary.size != vocab:
+        raise CheckpointError(f"--vocab-size {vocabulary.size} contradicts {where}'s metadata "
+                              f"(vocab_size {vocab})")
+    if vocabulary.tokenizer_path:
+        tokens = count_tokenizer(vocabulary.tokenizer_path)
+        if tokens > meta["padded_vocab_size"]:
+            raise CheckpointError(f"--tokenizer-path {vocabulary.tokenizer_path} has {tokens} "
+                                  f"tokens, more than the {meta['padded_vocab_size']} embedding "
+                                  f"rows of {where}")
+
+
+def _check_rank_layout(reader, meta: dict) -> None:
+    """The rank directories are the layout; metadata that says otherwise is stale or wrong."""
+    said = (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"])
+    if said != (reader.tp, reader.pp):
+        who = "its metadata says" if "megatron_patch" in reader.first else \
+            "Megatron-LM's args say"
+        raise CheckpointError(f"{reader.iter_dir}: {who} TP={said[0]} PP={said[1]} but it holds "
+                              f"mp_rank directories for TP={reader.tp} PP={reader.pp}")
 
 
 def megatron_full_fetcher(reader, args, meta, padded_vocab: int):
@@ -310,12 +385,13 @@ def _consume_tied_output(reader, args) -> None:
 
 def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
                            progress: bool = True, overwrite: bool = False,
-                           report: Report | None = None) -> dict:
-    """Megatron checkpoint (any TP/PP) -> HF directory that transformers loads. The HF
-    vocabulary keeps the extra rows that the checkpoint's tokenizer has tokens for
-    (:mod:`.vocab_rows`)."""
+                           report: Report | None = None,
+                           vocabulary: Vocabulary = Vocabulary()) -> dict:
+    """Megatron checkpoint (any TP/PP, ours or Megatron-LM's: see :func:`open_megatron`) -> HF
+    directory that transformers loads. The HF vocabulary keeps the extra rows that the
+    checkpoint's tokenizer has tokens for (:mod:`.vocab_rows`)."""
     report = report or Report()
-    reader, family, args, meta = open_megatron(load, family_name)
+    reader, family, args, meta = open_megatron(load, family_name, vocabulary, report)
     report.source_layout = layout_of(meta)
     hf_args = _hf_vocabulary(reader.root, family, args, meta, report)
     dims = dims_for(hf_args, meta["padded_vocab_size"])
@@ -333,10 +409,16 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
         report.tensors_read = len(reader.consumed)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
-        tokenizer_dir = os.path.join(reader.root, TOKENIZER_DIR)
-        writer.finish(hf_config_for(family, hf_args, meta),
-                      tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+        writer.finish(hf_config_for(family, hf_args, meta), tokenizer_dir(reader.root, meta))
     return meta
+
+
+def tokenizer_dir(root: str, meta: dict) -> str | None:
+    """The directory of the tokenizer a checkpoint carries (``meta['tokenizer']``, relative to
+    its root, or the absolute --tokenizer-path), or None."""
+    path = os.path.join(root, (meta.get("tokenizer") or {}).get("path", TOKENIZER_DIR))
+    path = path if os.path.isdir(path) else os.path.dirname(path)  # a SentencePiece file's
+    return path if os.path.isdir(path) and path != root.rstrip(os.sep) else None
 
 
 def _hf_vocabulary(root: str, family: Family, args: ModelArgs, meta: dict,
@@ -366,17 +448,19 @@ def hf_config_for(family: Family, args: ModelArgs, meta: dict) -> dict:
 
 def reshard_megatron(load: str, save: str, target: Target, family_name: str | None = None,
                      progress: bool = True, overwrite: bool = False,
-                     report: Report | None = None) -> dict:
-    """Megatron checkpoint -> Megatron checkpoint at another TP/PP (and vocab padding); the
-    fields ``target`` leaves unset keep the source's values."""
+                     report: Report | None = None,
+                     vocabulary: Vocabulary = Vocabulary()) -> dict:
+    """Megatron checkpoint (ours or Megatron-LM's) -> Megatron checkpoint at another TP/PP,
+    vocab padding, format or naming scheme; the fields ``target`` leaves unset keep the
+    source's values."""
     report = report or Report()
-    reader, family, args, src_meta = open_megatron(load, family_name)
+    reader, family, args, src_meta = open_megatron(load, family_name, vocabulary, report)
     report.source_layout = layout_of(src_meta)
     target = target.filled(source_layout(src_meta))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
     with atomic_directory(save, overwrite) as root:
-        tokenizer_src = os.path.join(reader.root, TOKENIZER_DIR)
-        has_tokenizer = os.path.isdir(tokenizer_src) and copy_side_files(
+        tokenizer_src = tokenizer_dir(reader.root, src_meta)
+        has_tokenizer = tokenizer_src is not None and copy_side_files(
             tokenizer_src, os.path.join(root, TOKENIZER_DIR))
         meta = build_metadata(family, args, target, src_meta.get("hf_config"), has_tokenizer)
         meta["dtype"] = src_meta.get("dtype", "float32")

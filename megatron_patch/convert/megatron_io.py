@@ -6,19 +6,22 @@
     <root>/<release|iter_0000100>/mp_rank_TT[_PPP]/model_optim_rng.pt
 
 ``mp_rank_TT`` without ``_PPP`` when pipeline parallelism is 1, as Megatron-LM writes it. Each
-``model_optim_rng.pt`` holds ``model`` (the stage's state dict, layers numbered locally),
-``checkpoint_version``, ``iteration``, ``args`` (an argparse.Namespace Megatron-LM reads with
-``--use-checkpoint-args``) and ``megatron_patch`` (the metadata).
+``model_optim_rng.pt`` holds ``model`` (the stage's state dict, layers numbered locally, in the
+local or the Transformer Engine spec's names: :mod:`.naming`), ``checkpoint_version``,
+``iteration``, ``args`` (an argparse.Namespace Megatron-LM reads with ``--use-checkpoint-args``)
+and ``megatron_patch`` (the metadata). Megatron-LM's own files hold no ``megatron_patch`` but add
+``optimizer``, ``opt_param_scheduler``, ``rng_state`` and ``num_floating_point_operations_so_far``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 
 import torch
 
+from megatron_patch.convert import naming
+from megatron_patch.convert.checkpoint_args import megatron_lm_args  # noqa: F401 (re-export)
 from megatron_patch.convert.io_utils import (CheckpointError, load_lazily, read_json,
                                              read_tensor, require_dir)
 from megatron_patch.convert.sharding import merge_tensors
@@ -37,25 +40,6 @@ def iteration_dir_name(iteration) -> str:
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
-
-
-def megatron_lm_args(meta: dict) -> argparse.Namespace:
-    """The ``args`` Megatron-LM stores in its checkpoints, for ``--use-checkpoint-args``."""
-    m = meta["model_args"]
-    return argparse.Namespace(
-        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
-        group_query_attention=m["num_query_groups"] != m["num_attention_heads"],
-        num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
-        max_position_embeddings=m["max_position_embeddings"], norm_epsilon=m["norm_epsilon"],
-        rotary_base=m["rotary_base"], padded_vocab_size=meta["padded_vocab_size"],
-        make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"],
-        untie_embeddings_and_output_weights=not m["tie_embeddings"],
-        tensor_model_parallel_size=meta["tensor_model_parallel_size"],
-        pipeline_model_parallel_size=meta["pipeline_model_parallel_size"],
-        position_embedding_type="rope", use_rotary_position_embeddings=True,
-        normalization="RMSNorm", swiglu=True, add_bias_linear=False,
-    )
 
 
 def write_metadata(root: str, meta: dict) -> None:
@@ -119,8 +103,9 @@ class MegatronReader:
 
     A rank file's structure is loaded when first needed, without its weights; each tensor is
     then read on its own into new memory (see :func:`~megatron_patch.convert.io_utils.
-    load_lazily`), so what stays resident is what the caller keeps. Remembers which keys were
-    read.
+    load_lazily`), so what stays resident is what the caller keeps. Names asked for are the
+    local spec's; the files' scheme (``self.naming``) is read from their keys. Remembers which
+    keys were read.
     """
 
     def __init__(self, path: str):
@@ -134,8 +119,15 @@ class MegatronReader:
                                   f"directories for TP={self.tp} PP={self.pp}, found {len(ranks)}")
         self._files: dict[tuple[int, int], dict] = {}  # (tp, pp) -> lazily loaded payload
         self.consumed: set[tuple[int, str]] = set()
-        first = self._load(0, 0)
-        self.meta = read_metadata(self.root) or first.get("megatron_patch")
+        self.first_path = self._path(0, 0)
+        self.first = self._load(0, 0)
+        if "model" not in self.first:
+            chunks = sorted(k for k in self.first if k.startswith("model"))
+            raise CheckpointError(f"{self.first_path}: no 'model' entry" + (
+                f" but {', '.join(chunks)}: virtual pipeline stages are not supported; save it "
+                f"from Megatron-LM without --num-layers-per-virtual-pipeline-stage" if chunks
+                else ""))
+        self.naming = naming.detect(self.first["model"], self.first_path)
 
     def _path(self, tp_rank: int, pp_rank: int) -> str:
         return os.path.join(self.iter_dir, rank_dir_name(tp_rank, pp_rank, self.pp), MODEL_FILE)
@@ -147,15 +139,22 @@ class MegatronReader:
             if not os.path.isfile(path):
                 raise CheckpointError(f"missing {path}")
             # weights_only=False: Megatron-LM stores an argparse.Namespace under "args".
-            self._files[key] = load_lazily(path, weights_only=False)
+            try:
+                self._files[key] = load_lazily(path, weights_only=False)
+            except (ModuleNotFoundError, AttributeError) as err:
+                raise CheckpointError(f"{path}: cannot unpickle it without the code that wrote "
+                                      f"it ({err}); put that Megatron-LM checkout on PYTHONPATH "
+                                      f"(MEGATRON_PATH)") from err
         return self._files[key]
 
     def stage_keys(self, pp_rank: int) -> list[str]:
         return [k for k in self._load(0, pp_rank)["model"] if not k.endswith("_extra_state")]
 
     def get(self, name: str, stage: str, split, layers_per_stage: int) -> torch.Tensor:
-        """Tensor ``name`` (global layer numbering) merged over tensor-parallel ranks."""
+        """Tensor ``name`` (local-spec name, global layer numbering) merged over
+        tensor-parallel ranks."""
         pp_rank, local = self._locate(name, stage, layers_per_stage)
+        local = naming.to_scheme(local, self.naming)
         pieces = []
         for tp_rank in range(self.tp):
             state = self._load(tp_rank, pp_rank)["model"]
