@@ -367,6 +367,48 @@ def test_megatron_lm_training_in_place_keeps_the_converted_metadata(layouts, tmp
            "10000.0" in err
 
 
+def first_loss(tmp_path, name, *flags):
+    metrics = tmp_path / f"{name}.jsonl"
+    run_python(["-m", "megatron_patch.pretrain", "--mock-data", "--tokenizer-type",
+                "NullTokenizer", "--vocab-size", str(NULL_TOKENIZER_VOCAB_SIZE),
+                "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length", "64",
+                "--lr", "1e-3", "--train-iters", "1", "--eval-iters", "0", "--log-interval",
+                "1", "--metrics-file", str(metrics), *map(str, flags)])
+    return [json.loads(line)["lm_loss"] for line in open(metrics) if "lm_loss" in line][0]
+
+
+def test_training_loads_transformer_engine_names_into_the_local_spec(layouts, tmp_path):
+    # A TE-named checkpoint Megatron-LM saved (TP2/PP2, tied, no metadata) trains at TP1 from
+    # its args, with the same first loss as its conversion to local names; so does a torch_dist
+    # one; resuming one is refused.
+    source = layouts("torch-te-tp2pp2-tied")
+    convert(["--load", source, "--save", tmp_path / "local", "--model-family", "llama",
+             "--target-tensor-model-parallel-size", "1", "--target-pipeline-model-parallel-size",
+             "1", "--transformer-impl", "local"])
+    convert(["--load", tmp_path / "local", "--save", tmp_path / "te", "--transformer-impl",
+             "transformer_engine"])
+    shape = ["--model-family", "llama", "--num-layers", "2", "--hidden-size", "64",
+             "--ffn-hidden-size", "160", "--num-attention-heads", "4", "--group-query-attention",
+             "--num-query-groups", "2", "--max-position-embeddings", "128"]
+    expected = first_loss(tmp_path, "local", "--load", tmp_path / "local")
+    assert first_loss(tmp_path, "te", "--load", tmp_path / "te") == expected
+    assert first_loss(tmp_path, "mlm", "--load", source, "--finetune", *shape) == expected
+    dist = layouts("dist-te-tp2pp2")  # torch_dist (untied): megatron-core reshards it itself
+    convert(["--megatron-to-hf", "--load", dist, "--save", tmp_path / "dist_hf",
+             "--model-family", "llama"])
+    convert(["--load", tmp_path / "dist_hf", "--save", tmp_path / "dist_local"])
+    assert first_loss(tmp_path, "dist", "--load", dist, "--finetune", *shape,
+                      "--untie-embeddings-and-output-weights") == \
+        first_loss(tmp_path, "dist_local", "--load", tmp_path / "dist_local")
+    proc = run_python(["-m", "megatron_patch.pretrain", "--load", str(source), "--mock-data",
+                       "--tokenizer-type", "NullTokenizer", "--vocab-size", "299",
+                       "--micro-batch-size", "2", "--global-batch-size", "2", "--seq-length",
+                       "64", "--train-iters", "4", "--lr", "1e-3", *shape], check=False)
+    assert proc.returncode != 0
+    assert "iter_0000003 was saved by Megatron-LM, whose optimizer and RNG states this " \
+           "trainer does not resume; pass --finetune" in proc.stderr
+
+
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
                     reason="needs a Megatron-LM checkout (core_v0.16.1) in MEGATRON_LM_PATH")
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])

@@ -22,9 +22,12 @@ def runtime_padded_vocab(meta: dict, tensor_parallel: int) -> int:
 def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int, pp_rank: int,
                        pp: int, reader_bundle=None) -> dict:
     """Copy this rank's slice of every tensor of checkpoint ``load`` into ``model`` (one
-    pipeline stage, unwrapped GPTModel). Returns the checkpoint's metadata."""
+    pipeline stage, unwrapped GPTModel). Vocabulary rows go up to the model's own padding
+    (megatron-core's ``GPTModel.vocab_size``): a checkpoint Megatron-LM saved at another TP
+    pads differently. Returns the checkpoint's metadata."""
     reader, family, args, meta = reader_bundle or open_megatron(load)
-    fetch = megatron_full_fetcher(reader, args, meta, runtime_padded_vocab(meta, tp))
+    padded = getattr(model, "vocab_size", None) or runtime_padded_vocab(meta, tp)
+    fetch = megatron_full_fetcher(reader, args, meta, padded)
     state = model.state_dict(keep_vars=True)
     expected = {k for k in state if not k.endswith("_extra_state")}
     for binding in stage_bindings(family, args, pp, pp_rank):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_patch import compat
 from megatron_patch.convert import megatron_io as mio
+from megatron_patch.convert.checkpoint_args import Vocabulary
 from megatron_patch.convert.engine import TOKENIZER_DIR, open_megatron
 from megatron_patch.convert.hf_io import copy_side_files
 from megatron_patch.convert.model_io import load_model_weights
@@ -119,7 +120,11 @@ def load_weights(args, model) -> dict:
     root, iter_dir = mio.resolve_checkpoint(args.load)
     if mio.is_torch_dist(iter_dir):
         return _load_torch_dist_weights(model, root, iter_dir)
-    bundle = open_megatron(args.load)
+    # A checkpoint Megatron-LM saved has no metadata: its args give the shape, the command
+    # line the family and the vocabulary (NullTokenizer's --vocab-size N: N + 1 tokens).
+    size = None if args.vocab_size is None else \
+        args.vocab_size + (args.tokenizer_type == "NullTokenizer")
+    bundle = open_megatron(args.load, args.model_family, Vocabulary(size, args.tokenizer_model))
     return load_model_weights(model, args.load, ps.get_tensor_model_parallel_rank(),
                               args.tensor_model_parallel_size,
                               ps.get_pipeline_model_parallel_rank(),
@@ -146,6 +151,10 @@ def resume_state(args):
                          f"supported; use --finetune to start from its weights")
     tp_rank, pp_rank, _, pp = _ranks()
     path = os.path.join(iter_dir, mio.rank_dir_name(tp_rank, pp_rank, pp), mio.MODEL_FILE)
+    if _saved_by_megatron_lm(iter_dir):
+        raise ValueError(f"--load {args.load}: {os.path.basename(iter_dir)} was saved by "
+                         f"Megatron-LM, whose optimizer and RNG states this trainer does not "
+                         f"resume; pass --finetune to start from its weights")
     meta = mio.read_metadata(root) or {}
     layout = (meta.get("tensor_model_parallel_size"), meta.get("pipeline_model_parallel_size"))
     if layout != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) \
@@ -154,6 +163,14 @@ def resume_state(args):
                          f"resuming its optimizer needs the same layout. Pass --finetune (with "
                          f"--no-load-optim) to start from its weights at a new layout")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _saved_by_megatron_lm(iter_dir: str) -> bool:
+    """Its rank files lack megatron_patch's entry: Megatron-LM's own save."""
+    ranks = sorted(name for name in os.listdir(iter_dir) if name.startswith("mp_rank_"))
+    path = os.path.join(iter_dir, ranks[0], mio.MODEL_FILE) if ranks else ""
+    return os.path.isfile(path) and "megatron_patch" not in torch.load(
+        path, map_location="meta", weights_only=False)
 
 
 @torch.no_grad()
