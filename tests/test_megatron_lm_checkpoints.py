@@ -409,6 +409,18 @@ def test_training_loads_transformer_engine_names_into_the_local_spec(layouts, tm
            "trainer does not resume; pass --finetune" in proc.stderr
 
 
+def test_the_gpu_script_checks_its_arguments():
+    import subprocess
+
+    script = os.path.join(REPO, "tests", "gpu", "megatron_lm_interop.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: bash tests/gpu/megatron_lm_interop.sh " \
+                                    "MEGATRON_LM_DIR" in proc.stderr
+    proc = subprocess.run(["bash", script, "/nonexistent"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "/nonexistent/pretrain_gpt.py" in proc.stderr
+
+
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM_PATH"),
                     reason="needs a Megatron-LM checkout (core_v0.16.1) in MEGATRON_LM_PATH")
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
