@@ -2,6 +2,7 @@
 KV-cache backend against the uncached reference, batches against single prompts, the sampling
 processors against transformers', seeded sampling, prompt formats against SFT's encoding and HF
 generate on the wrapped prompt, bad input, and the seed launcher."""
+import glob
 import importlib.util
 import json
 import os
@@ -664,6 +665,11 @@ def with_metadata(source, destination, chat_template=None, **fields):
     meta = json.load(open(meta_path))
     meta.update(fields)
     json.dump(meta, open(meta_path, "w"))
+    # The iteration's rank files carry the same metadata (the reader's source of truth).
+    for rank_file in glob.glob(os.path.join(destination, "*", "mp_rank_*", "*.pt")):
+        payload = torch.load(rank_file, map_location="cpu", weights_only=False)
+        payload["megatron_patch"].update(fields)
+        torch.save(payload, rank_file)
     if chat_template is not None:
         config_path = os.path.join(destination, "tokenizer", "tokenizer_config.json")
         config = json.load(open(config_path))
