@@ -292,7 +292,7 @@ def _bash(args: list, env: dict):
 
     from helpers import REPO
 
-    full_env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore", **env)
+    full_env = dict(os.environ, PYTHON=sys.executable, **env)
     return subprocess.run(["bash", WRAPPER, *args], capture_output=True, text=True, cwd=REPO,
                           env=full_env, timeout=300)
 
@@ -308,11 +308,27 @@ def test_seed_wrapper_end_to_end(tmp_path, tokenizer_dir, docs):
     proc = _bash(["none", REPO, str(tmp_path / "shards"), "bloombpe", str(tmp_path / "out")],
                  env={"TOKENIZER_PATH": tokenizer_dir, "WORKERS": "2"})
     assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # megatron-core's import-time notices
     assert sorted(os.listdir(tmp_path / "out")) == ["wudao_bloombpe_text_document.bin",
                                                     "wudao_bloombpe_text_document.idx"]
     sequences = reference(str(tmp_path / "ref"), docs, tokenizer_dir)
     assert_same_dataset(str(tmp_path / "out" / "wudao_bloombpe_text_document"),
                         str(tmp_path / "ref"), sequences)
+
+
+def test_seed_wrapper_refuses_an_unsupported_megatron_core(tmp_path, tokenizer_dir, docs):
+    from helpers import REPO
+
+    checkout = tmp_path / "Megatron-LM"
+    (checkout / "megatron" / "core").mkdir(parents=True)
+    (checkout / "megatron" / "__init__.py").write_text("")
+    (checkout / "megatron" / "core" / "__init__.py").write_text("__version__ = '0.12.0'\n")
+    source = write_jsonl(tmp_path / "in.jsonl", docs)
+    proc = _bash([str(checkout), REPO, source, "bloombpe", str(tmp_path / "out")],
+                 env={"TOKENIZER_PATH": tokenizer_dir})
+    assert proc.returncode == 2
+    assert proc.stderr.count("error: megatron-core 0.12.0 from") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("args, message", [

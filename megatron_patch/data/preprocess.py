@@ -327,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     # One worker process is one core: the Rust tokenizer's own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     args = build_parser().parse_args(argv)
+    from megatron_patch import compat
+
+    # The tokenizers stand on megatron-core's base class: check its version first (and keep its
+    # import-time warnings about Transformer Engine / Apex, which preprocessing never uses, out).
+    compat.exit_unless_supported()
     try:
         report = run(args)
     except (InputError, OutputError, ValueError, FileNotFoundError) as err:
