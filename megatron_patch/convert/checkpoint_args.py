@@ -80,9 +80,10 @@ def model_args_from(args, family, vocab_size: int, where: str) -> ModelArgs:
     defaults = {f.name: f.default for f in dataclasses.fields(ModelArgs)}
     for field, value in family.architecture.items():
         # Fields architecture_of lacks have no Megatron-LM option: its GPT has the default.
-        text, given = architecture.get(field, (f"(no such option) {field}", defaults[field]))
+        text, given = architecture.get(field, (None, defaults[field]))
         if given != value:
-            raise CheckpointError(f"{where}: Megatron-LM's args.{text} contradicts the "
+            said = f"args.{text}" if text else f"GPT model has no {field} option ({given!r})"
+            raise CheckpointError(f"{where}: Megatron-LM's {said} contradicts the "
                                   f"{family.name} family ({field} {value!r}); give the "
                                   f"--model-family that Megatron-LM trained")
     return ModelArgs(

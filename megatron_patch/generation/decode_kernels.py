@@ -31,14 +31,18 @@ def head_dim_supported(head_dim: int) -> bool:
 
 
 def resolve(choice: str, device: torch.device, backend: str,
-            head_dim: Optional[int] = None) -> bool:
+            head_dim: Optional[int] = None, alibi: bool = False) -> bool:
     """``--decode-kernels`` for ``backend`` on ``device`` (and a model of ``head_dim``, once
     known): auto = on for the CUDA-graph backends on a GPU with Triton importable; on =
-    required (ValueError saying what is missing)."""
+    required (ValueError saying what is missing). The attention kernel adds no ALiBi bias, so
+    an ALiBi model (``alibi``) keeps SDPA."""
     if choice not in CHOICES:
         raise ValueError(f"--decode-kernels {choice!r}: choose one of {', '.join(CHOICES)}")
-    if choice == "off":
+    if choice == "off" or (choice == "auto" and alibi):
         return False
+    if alibi:
+        raise ValueError("--decode-kernels on: the attention kernel has no ALiBi bias, which "
+                         "this model needs (use --decode-kernels off)")
     static_cache = backend in ("static", "graph", "graph-compiled")
     usable_head = head_dim is None or head_dim_supported(head_dim)
     if choice == "auto":

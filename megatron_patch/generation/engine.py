@@ -57,9 +57,13 @@ def build_backend(name: str, model, max_length: int, decode_kernels: str = "auto
 
     ``decode_kernels`` (auto, on, off): decode steps of our static-cache backends through the
     Triton kernels (decode_kernels.py); auto = on for the CUDA-graph backends."""
+    from megatron_patch.layers.alibi_attention import ALiBiAttention
+
     device = next(model.parameters()).device
     name = backend_name(name, device, model.config.tensor_model_parallel_size)
-    if decode_kernels_module.resolve(decode_kernels, device, name, model.config.kv_channels):
+    alibi = isinstance(model.decoder.layers[0].self_attention.core_attention, ALiBiAttention)
+    if decode_kernels_module.resolve(decode_kernels, device, name, model.config.kv_channels,
+                                     alibi):
         return BACKENDS[name](model, max_length, kernels=True)
     return BACKENDS[name](model, max_length)
 

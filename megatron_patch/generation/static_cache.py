@@ -152,8 +152,10 @@ class StaticBackend(Backend):
         self.kernels = kernels  # decode steps through Triton kernels (decode_kernels.py)
         if kernels:
             decode_kernels.install(model, self.holder)
-        table = model.rotary_pos_emb(max_length)  # [max_length, 1, 1, dim], fp32
-        self.rope_table = table.reshape(max_length, table.size(-1))
+        self.rope_table = None  # learned positions, ALiBi: the embedding / attention place them
+        if getattr(model, "rotary_pos_emb", None) is not None:
+            table = model.rotary_pos_emb(max_length)  # [max_length, 1, 1, dim], fp32
+            self.rope_table = table.reshape(max_length, table.size(-1))
         self.state: DecodeState | None = None
         self.allocation = -1
         self.next_slot = 0
@@ -227,5 +229,5 @@ class StaticBackend(Backend):
 
     def _forward(self, tokens, positions, slots, window, mask, run_layer=None):
         self.holder.slots, self.holder.window = slots, window
-        rope = self.rope_table[positions.t()].unsqueeze(2)
+        rope = None if self.rope_table is None else self.rope_table[positions.t()].unsqueeze(2)
         return forward_with_rope(self.model, tokens, positions, rope, mask, run_layer)

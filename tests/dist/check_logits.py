@@ -42,6 +42,27 @@ def megatron_logits(mg_path, tp, pp, ids, attention, labels=None):
     return (out if labels is not None else out[..., : args.vocab_size]), args
 
 
+def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False):
+    """(line printed, max difference) on a rank that holds the output, else None. Needs
+    compat.initialize_parallel(tp, pp) first."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (2, 25 if loss else 24))
+    inputs, labels = (ids[:, :-1], ids[:, 1:]) if loss else (ids, None)
+    out, _ = megatron_logits(mg_path, tp, pp, inputs, attention, labels)
+    if out is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        if loss:  # HF shifts the labels itself
+            diff = abs(out.mean().item() - hf(ids, labels=ids).loss.item())
+            return f"rank {dist.get_rank()} loss={out.mean().item():.6f} " \
+                   f"loss_abs_diff={diff:.3e}", diff
+        diff = (out - hf(ids).logits).abs().max().item()
+        return f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", diff
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf", required=True)
@@ -53,24 +74,11 @@ def main():
     parser.add_argument("--loss", action="store_true", help="compare the loss, not the logits")
     opts = parser.parse_args()
     compat.initialize_parallel(opts.tp, opts.pp)
-    torch.manual_seed(0)
-    ids = torch.randint(0, 200, (2, 25 if opts.loss else 24))
-    inputs, labels = (ids[:, :-1], ids[:, 1:]) if opts.loss else (ids, None)
-    out, args = megatron_logits(opts.mg, opts.tp, opts.pp, inputs, opts.attention, labels)
+    result = compare(opts.hf, opts.mg, opts.tp, opts.pp, opts.attention, opts.loss)
     code = 0
-    if out is not None:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(opts.hf, dtype=torch.float32).eval()
-        with torch.no_grad():
-            if opts.loss:  # HF shifts the labels itself
-                diff = abs(out.mean().item() - hf(ids, labels=ids).loss.item())
-                print(f"rank {dist.get_rank()} loss={out.mean().item():.6f} "
-                      f"loss_abs_diff={diff:.3e}", flush=True)
-            else:
-                diff = (out - hf(ids).logits).abs().max().item()
-                print(f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", flush=True)
-        code = int(diff > opts.tolerance)
+    if result is not None:
+        print(result[0], flush=True)
+        code = int(result[1] > opts.tolerance)
     compat.destroy_parallel()
     sys.exit(code)
 

@@ -1,0 +1,158 @@
+"""Every registered family besides llama (whose own tests in test_convert / test_training /
+test_generation go further) through every stage, against transformers' own class for it:
+conversion round trips, logits and loss, greedy generation with per-step log-probabilities,
+layout invariance, exact resume and the seed launchers. The cases come from the registry: each
+family's sizes rows named ``tiny*`` (falcon has a 7B-style and a 40B-style one), built by
+helpers.save_tiny_hf from the family's own declaration with a 300-token vocabulary (384 rows at
+TP1, 512 at TP2) and attention sharp enough that positions matter."""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import REPO, run_python, run_torchrun, save_tiny_hf, train_tiny_tokenizer
+from megatron_patch.convert import engine
+from megatron_patch.registry import FAMILIES
+
+CASES = [(family.name, size) for family in FAMILIES.values() if family.name != "llama"
+         for size in family.sizes if size.startswith("tiny")]
+VOCAB = 300
+ITERS = 4
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A tokenizer and an mmap dataset made with it, for every family."""
+    from megatron_patch.data.corpus import iter_stdlib_docstrings
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = train_tiny_tokenizer(str(root / "tok"), vocab_size=VOCAB)
+    with open(root / "docs.jsonl", "w") as handle:
+        for _, text in zip(range(300), iter_stdlib_docstrings()):
+            handle.write(json.dumps({"text": text}) + "\n")
+    run_python(["-m", "megatron_patch.data.preprocess", "--input", str(root / "docs.jsonl"),
+                "--output-prefix", str(root / "data"), "--tokenizer-type",
+                "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, "--append-eod",
+                "--workers", "1"])
+    return SimpleNamespace(root=root, tokenizer=tokenizer, data=str(root / "data_text_document"))
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
+def case(request, shared):
+    """One family's tiny HF model (with the tokenizer) converted at TP1 and at the widest
+    layout it allows: TP2 x PP2, or PP2 for a single key/value head (not split over TP yet)."""
+    name, size = request.param
+    root = shared.root / f"{name}-{size}"
+    hf = save_tiny_hf(name, str(root / "hf"), size=size, vocab_size=VOCAB, qk_scale=10.0)
+    for file in os.listdir(shared.tokenizer):
+        shutil.copy(os.path.join(shared.tokenizer, file), hf)
+    args = FAMILIES[name].args_for_size(size)
+    tp = 2 if args.num_query_groups % 2 == 0 else 1
+    engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
+    engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(tp, 2),
+                                  progress=False)
+    return SimpleNamespace(name=name, size=size, root=root, hf=hf, tp=tp, pp=2,
+                           tp1=str(root / "tp1"), wide=str(root / "wide"))
+
+
+def test_round_trip_through_the_widest_layout_is_bit_identical(case, tmp_path):
+    from safetensors.torch import load_file
+
+    engine.convert_megatron_to_hf(case.wide, str(tmp_path / "back"), progress=False)
+    original, back = (load_file(os.path.join(d, "model.safetensors"))
+                      for d in (case.hf, tmp_path / "back"))
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) and back[k].dtype == original[k].dtype
+               for k in original)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == FAMILIES[case.name].hf_model_types[0]
+
+
+def test_logits_and_loss_equal_hf(case):
+    """fp32: logits within 1e-6 at TP1 (in this process) and at the widest layout (each TP
+    rank's full-vocabulary logits); the loss, which sums 48 tokens' terms, within 1e-5."""
+    from dist import check_logits
+    from megatron_patch import compat
+
+    compat.initialize_parallel(1, 1)
+    try:
+        assert check_logits.compare(case.hf, case.tp1, 1, 1)[1] <= 1e-6
+        assert check_logits.compare(case.hf, case.tp1, 1, 1, loss=True)[1] <= 1e-5
+    finally:
+        compat.destroy_parallel()
+    args = ["tests/dist/check_logits.py", "--hf", case.hf, "--mg", case.wide, "--tp",
+            str(case.tp), "--pp", str(case.pp), "--tolerance", "1e-6"]
+    proc = run_torchrun(args, nproc=case.tp * case.pp)  # exits 1 past the tolerance
+    assert proc.stdout.count("max_abs_diff=") == case.tp  # each TP rank compared
+
+
+PROMPTS = ["Return the number of", "import", "The module provides a way to read and write"]
+
+
+def test_greedy_generation_and_logprobs_equal_hf_generate(case, tmp_path):
+    from test_generation import assert_logprobs_match, hf_greedy
+
+    from megatron_patch.generation.loading import load_tokenizer, open_checkpoint
+
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    tokenizer = load_tokenizer(open_checkpoint(case.tp1), None, None)
+    reference = hf_greedy(case.hf, [tokenizer.tokenize(p) for p in PROMPTS], tokenizer, 8)
+    for mg, tp, backend in ((case.tp1, 1, "static"), (case.wide, case.tp, "mcore")):
+        out = tmp_path / f"tp{tp}-{backend}.jsonl"
+        args = ["-m", "megatron_patch.generate", "--load", mg, "--input-file", str(source),
+                "--output-file", str(out), "--top-k", "1", "--max-new-tokens", "8",
+                "--tensor-model-parallel-size", str(tp), "--inference-backend", backend,
+                "--output-logprobs"]
+        run_torchrun(args, nproc=tp) if tp > 1 else run_python(args)
+        records = [json.loads(line) for line in open(out)]
+        assert [r["completion_ids"] for r in records] == reference.ids, (tp, backend)
+        assert_logprobs_match([r["completion_logprobs"] for r in records], reference.logprobs)
+
+
+def pretrain(shared, case, metrics, *extra, nproc=1):
+    args = ["-m", "megatron_patch.pretrain", "--load", case.tp1, "--data-path", shared.data,
+            "--data-cache-path", str(shared.root / "cache"), "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--seq-length", "64", "--lr", "1e-3", "--train-iters",
+            str(ITERS), "--eval-iters", "0", "--log-interval", "1", "--metrics-file",
+            str(metrics), *extra]
+    run_torchrun(args, nproc=nproc) if nproc > 1 else run_python(args)
+    return {r["iteration"]: r["lm_loss"] for r in map(json.loads, open(metrics))}
+
+
+def test_layouts_agree_and_resume_is_exact(shared, case, tmp_path):
+    reference = pretrain(shared, case, tmp_path / "tp1.jsonl")
+    wide = pretrain(shared, case, tmp_path / "wide.jsonl", "--tensor-model-parallel-size",
+                    str(case.tp), "--pipeline-model-parallel-size", str(case.pp),
+                    nproc=case.tp * case.pp)
+    assert sorted(wide) == sorted(reference) == list(range(1, ITERS + 1))
+    for iteration, loss in reference.items():
+        assert wide[iteration] == pytest.approx(loss, rel=1e-5), iteration
+    ckpt = tmp_path / "ckpt"
+    pretrain(shared, case, tmp_path / "part.jsonl", "--save", str(ckpt), "--exit-interval", "2")
+    resumed = pretrain(shared, case, tmp_path / "part.jsonl", "--load", str(ckpt), "--save",
+                       str(ckpt))
+    assert resumed == reference  # bit for bit
+
+
+def test_seed_launchers_pretrain_and_refuse_a_wrong_size(shared, case, tmp_path):
+    from test_launchers import launch
+
+    # The seed's 23 arguments, in order: 8 iterations of 4 x 32 tokens on the CPU.
+    args = dict(ENV="dsw", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=REPO, MODEL_SIZE=case.size,
+                BATCH_SIZE="2", GLOBAL_BATCH_SIZE="4", LR="1e-3", MIN_LR="1e-4", SEQ_LEN="32",
+                EXTRA_VOCAB_SIZE="0", PR="fp32", TP="1", PP="1", AC="none", DO="false",
+                FL="true", SP="false", SAVE_INTERVAL="8", DATASET_PATH=shared.data,
+                PRETRAIN_CHECKPOINT_PATH=case.tp1, TRAIN_TOKENS=str(8 * 4 * 32),
+                WARMUP_TOKENS="128", OUTPUT_BASEPATH=str(tmp_path / "out"))
+    script = os.path.join(REPO, "examples", case.name, f"run_pretrain_megatron_{case.name}.sh")
+    proc = launch(script, list(args.values()))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (metrics,) = (tmp_path / "out" / "metrics").iterdir()
+    assert len([line for line in metrics.read_text().splitlines() if "lm_loss" in line]) == 8
+    bad = launch(script, list({**args, "MODEL_SIZE": "13B-nope"}.values()))
+    assert bad.returncode == 2
+    assert f"MODEL_SIZE '13B-nope' is not a {case.name} size; choose one of" in bad.stderr
