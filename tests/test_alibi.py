@@ -69,3 +69,51 @@ def test_alibi_attention_equals_the_plain_reference(attention, case):
     rows = slice(3, None) if case == "left-padded" else slice(None)  # padded queries: anything
     torch.testing.assert_close(got[rows, 1].double(), expected[rows, 1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[:, 0].double(), expected[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [10, 200])  # 200: more than one 128-wide block of the mask
+def test_fused_flex_path_equals_the_reference(attention, seq):
+    """The GPU's flex-attention path (here in eager mode, which has no backward on the CPU:
+    toolkits/benchmarks/bench_alibi.py compares its gradients on a GPU), grouped heads,
+    against the float64 reference and the SDPA-with-bias path."""
+    torch.manual_seed(0)
+    q = torch.randn(seq, 2, 6, 16)
+    k, v = torch.randn(seq, 2, 3, 16), torch.randn(seq, 2, 3, 16)
+    outputs = []
+    for fused in (True, False):
+        attention.fused = fused
+        try:
+            outputs.append(attention(q, k, v, None))
+        finally:
+            attention.fused = None
+    allowed = torch.ones(2, seq, seq, dtype=torch.bool).tril()
+    expected = reference_attention(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2),
+                                   alibi_slopes(6), allowed)
+    # fp32 scores carry slope x position (up to 100 here): the fused path is no further from
+    # the float64 reference than SDPA with the bias tensor is.
+    errors = [(out.double() - expected).abs().max().item() for out in outputs]
+    assert errors[0] <= max(2 * errors[1], 1e-6), errors
+    assert errors[1] < 1e-5
+
+
+def test_fused_path_refuses_what_it_cannot_compute(attention):
+    q, k = torch.randn(1, 1, 6, 16), torch.randn(4, 1, 3, 16)
+    attention.fused = True
+    try:
+        with pytest.raises(ValueError, match="causal self-attention without a mask"):
+            attention(q, k, k, None)  # decode: 1 query, 4 keys
+    finally:
+        attention.fused = None
+
+
+def test_decode_kernels_keep_sdpa_for_alibi_models(attention):
+    """The Triton decode attention adds no ALiBi bias: auto turns it off, on is refused, and
+    installing it on an ALiBi model is an error (a benchmark or caller that forces it)."""
+    from megatron_patch.generation import decode_kernels
+
+    cuda = torch.device("cuda")
+    assert decode_kernels.resolve("auto", cuda, "graph", 64, alibi=True) is False
+    with pytest.raises(ValueError, match="no ALiBi bias"):
+        decode_kernels.resolve("on", cuda, "graph", 64, alibi=True)
+    with pytest.raises(ValueError, match="adds no ALiBi bias"):
+        decode_kernels.install(torch.nn.Sequential(attention), holder=None)

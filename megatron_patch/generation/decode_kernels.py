@@ -69,8 +69,13 @@ def install(model, holder) -> None:
     from megatron_patch.kernels import decode_attention, gemv  # noqa: F401
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+    from megatron_patch.layers.alibi_attention import ALiBiAttention
+
     if getattr(model, "_decode_kernels_installed", False):
         return
+    if any(isinstance(module, ALiBiAttention) for module in model.modules()):
+        raise ValueError("the Triton decode attention kernel adds no ALiBi bias, which this "
+                         "model needs: decode without the kernels (--decode-kernels off)")
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             module._forward_impl = _linear_impl(module._forward_impl, holder)

@@ -1,16 +1,26 @@
 """ALiBi core attention (Press et al., "Train Short, Test Long", 2022; BLOOM's position
-encoding): no position embedding; each head adds ``slope_h * j`` to the score of key j.
+encoding): no position embedding; each head adds ``-slope_h * (i - j)`` to the score of query
+i for key j.
 
-Adding a per-head multiple of the key's index is the same, after the softmax, as the paper's
-``-slope_h * (i - j)``: the two differ by ``slope_h * i``, a constant along each query's row. So
-the bias needs no query positions, and a left-padded row (whose keys are shifted by its
-padding) gets the same probabilities as the unpadded one. It is what transformers' BLOOM adds
-(``build_alibi_tensor``).
+transformers' BLOOM adds ``slope_h * j`` (``build_alibi_tensor``): after the softmax the same,
+since the two differ by ``slope_h * i``, a constant along each query's row, and a left-padded
+row (whose keys are shifted by its padding) gets the same probabilities as the unpadded one.
+The relative form is kept because it is small where the weight is (near the diagonal), so it
+stays exact in bf16.
 
 The slopes follow the paper's rule, non-power-of-two head counts included, and each
-tensor-parallel rank takes its own heads' slice. The bias goes to torch SDPA together with the
-causal or padding mask (SDPAttention's masking), so it is exact for every mask SDPAttention
-takes; a bias is built once per shape and kept.
+tensor-parallel rank takes its own heads' slice. Two paths, the same math:
+
+* fused (a GPU, causal training or prefill without a padding mask, no attention dropout):
+  ``torch.nn.attention.flex_attention`` under torch.compile with a score_mod adding
+  ``slope[h] * kv_idx`` in fp32 inside the kernel and a causal block mask (built once per
+  shape), so no bias tensor exists; flex attention has no dropout;
+* otherwise the bias goes to torch SDPA together with the causal or padding mask
+  (SDPAttention's masking), exact for every mask SDPAttention takes; a bias is built once per
+  shape and kept.
+
+``ALiBiAttention.fused`` (None: auto; True / False) picks the path; the tests run the fused one
+on the CPU in eager mode against the SDPA one.
 """
 from __future__ import annotations
 
@@ -44,8 +54,29 @@ def rank_slopes(num_heads: int, tp_rank: int, tp_size: int) -> torch.Tensor:
     return alibi_slopes(num_heads)[tp_rank * per_rank:(tp_rank + 1) * per_rank]
 
 
+_COMPILED_FLEX = None
+
+
+def _flex_attention(compiled: bool):
+    """flex_attention, compiled once per process for the GPU (eager on the CPU)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
 class ALiBiAttention(SDPAttention):
     """SDPAttention with this rank's ALiBi bias added to the scores."""
+
+    fused = None  # None: the flex-attention path where it applies (a GPU); True / False: forced
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
@@ -58,20 +89,63 @@ class ALiBiAttention(SDPAttention):
                                   ps.get_tensor_model_parallel_rank(),
                                   config.tensor_model_parallel_size)
         self._bias: dict = {}
+        self._block_mask: dict = {}
 
-    def bias(self, sk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[1, heads, 1, sk]: slope_h * j for key j."""
-        key = (sk, device, dtype)
+    def bias(self, sq: int, sk: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[1, heads, sq, sk]: slope_h * (j - i) for query i (position sk - sq + i) and key j.
+        Relative, so the entries near the diagonal, which carry the weight, stay small and
+        exact in bf16 (``slope * j`` would reach 1000 at position 2048, 8 apart in bf16)."""
+        key = (sq, sk, device, dtype)
         if key not in self._bias:
             keys = torch.arange(sk, device=device, dtype=torch.float32)
-            self._bias = {key: (self.slopes.to(device)[:, None] * keys).to(dtype)[None, :, None]}
+            queries = torch.arange(sk - sq, sk, device=device, dtype=torch.float32)
+            distance = keys[None, :] - queries[:, None]
+            self._bias = {key: (self.slopes.to(device)[:, None, None] * distance).to(dtype)[None]}
         return self._bias[key]
+
+    def use_fused(self, query, key, attention_mask, mask_type) -> bool:
+        """Causal self-attention over the whole sequence, no mask tensor, no dropout."""
+        from megatron.core.transformer.enums import AttnMaskType
+
+        applies = (attention_mask is None and mask_type == AttnMaskType.causal
+                   and query.size(0) == key.size(0)
+                   and (self.dropout_p == 0.0 or not self.training))
+        if self.fused is None:
+            return applies and query.is_cuda
+        if self.fused and not applies:
+            raise ValueError("ALiBiAttention.fused: flex attention here takes causal "
+                             "self-attention without a mask tensor or dropout")
+        return self.fused
+
+    def flex(self, query, key, value):
+        """The fused path: query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        # flex attention's kernels want [b, h, s, d] rows contiguous (a copy costs far less)
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        seq, device = q.size(2), q.device
+        if (seq, device) not in self._block_mask:
+            self._block_mask = {(seq, device): create_block_mask(
+                _causal, None, None, seq, seq, device=device)}
+        slopes = self.slopes.to(device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # relative: small where the weight is
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        context = _flex_attention(q.is_cuda)(
+            q, k, v, score_mod=score_mod, block_mask=self._block_mask[(seq, device)],
+            scale=self.softmax_scale, enable_gqa=self.groups_per_rank != self.heads_per_rank)
+        context = context.permute(2, 0, 1, 3).contiguous()
+        return context.view(context.size(0), context.size(1), -1)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("ALiBiAttention builds its own bias; it takes no attention_bias")
-        bias = self.bias(key.size(0), query.device, query.dtype)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if packed_seq_params is None and self.use_fused(query, key, attention_mask, mask_type):
+            return self.flex(query, key, value)
+        bias = self.bias(query.size(0), key.size(0), query.device, query.dtype)
         return super().forward(query, key, value, attention_mask, attn_mask_type,
-                               attention_bias=bias.expand(-1, -1, query.size(0), -1),
+                               attention_bias=bias,
                                packed_seq_params=packed_seq_params)

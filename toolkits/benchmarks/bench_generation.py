@@ -21,6 +21,10 @@ and every backend's greedy tokens (a batch of prompts of different lengths) are 
 HF ``generate(do_sample=False)`` on each prompt alone.
 
     python toolkits/benchmarks/bench_generation.py [--tiny] [--output results.json]
+    python toolkits/benchmarks/bench_generation.py --family bloom --size 1b1 --skip-parity
+
+``--family F --size S``: that family's sizes row (``--num-layers`` to shorten it) and its own
+transformers class, from the config.json our converter writes (the parity check stays llama's).
 """
 from __future__ import annotations
 
@@ -86,24 +90,26 @@ def copy_bandwidth(device, mebibytes: int, repeats: int = 20) -> float:
     return 2 * src.numel() * repeats / (time.perf_counter() - began)
 
 
-def build_models(size: str, precision: str, device):
-    """Our GPTModel and HF's LlamaForCausalLM of one registry size, random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_models(size: str, precision: str, device, family_name: str = "llama",
+                 num_layers: int | None = None):
+    """Our GPTModel and HF's model (LlamaForCausalLM, or the family's class) of one registry
+    size, random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_patch.families.model import (PRECISION_DTYPES, build_gpt_model,
                                                transformer_config)
     from megatron_patch.tokenizers.vocab import padded_vocab_size
 
-    family = get_family("llama")
-    args = family.args_for_size(size)
+    family = get_family(family_name)
+    args = family.args_for_size(size, **({"num_layers": num_layers} if num_layers else {}))
     config = transformer_config(family, args, precision=precision,
                                 use_cpu_initialization=device.type == "cpu")
     ours = build_gpt_model(family, args, config, padded_vocab_size(args.vocab_size, 128, 1, 0))
     ours = ours.to(device).eval()
-    hf_config = LlamaConfig(**family.hf_config_from_args(args))
+    hf_config = AutoConfig.for_model(**family.hf_config_from_args(args))
     hf_config.eos_token_id = None
     with torch.device(device):
-        hf = LlamaForCausalLM(hf_config).to(PRECISION_DTYPES[precision]).eval()
+        hf = AutoModelForCausalLM.from_config(hf_config).to(PRECISION_DTYPES[precision]).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return ours, hf, args
@@ -316,6 +322,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode of the compiled CUDA-graph backend")
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--family", default="llama", help="a registered family (default llama)")
+    parser.add_argument("--size", help="its sizes row (default: 1B, or tiny with --tiny)")
+    parser.add_argument("--num-layers", type=int, help="fewer layers than the sizes row")
     parser.add_argument("--profile", action="store_true",
                         help="GPU: the kernels of one decode step of the CUDA-graph stacks")
     opts = parser.parse_args(argv)
@@ -374,7 +383,10 @@ def profiles(stacks, shape, models, results, opts) -> None:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    shape = SHAPES["tiny" if opts.tiny else "1b"]
+    shape = dict(SHAPES["tiny" if opts.tiny else "1b"])
+    if opts.size:
+        shape["size"] = opts.size
+    shape.update(family=opts.family, num_layers=opts.num_layers)
     compat.initialize_parallel(1, 1)
     device, started = compat.device(), time.perf_counter()
     gpu = device.type == "cuda"
@@ -387,7 +399,8 @@ def main(argv=None) -> int:
     if not opts.skip_parity:
         results["parity"] = parity(early + ["uncached"], device, opts)
         print("parity with HF greedy:", json.dumps(results["parity"]), flush=True)
-    models = build_models(shape["size"], shape["precision"], device)
+    models = build_models(shape["size"], shape["precision"], device, opts.family,
+                          opts.num_layers)
     timed_rows(stacks, shape, models, results, opts, started)
     if opts.profile and gpu:
         profiles(stacks, shape, models, results, opts)

@@ -13,6 +13,12 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
 
     python toolkits/benchmarks/bench_training.py            # on a GPU
     python toolkits/benchmarks/bench_training.py --tiny     # small shape on CPU (smoke test)
+    python toolkits/benchmarks/bench_training.py --family bloom --size 1b1
+    python toolkits/benchmarks/bench_training.py --family falcon --size 7b --num-layers 16
+
+With ``--family F --size S`` the shape is that family's sizes row (``--num-layers`` fewer
+layers when memory demands) and the HF model is the family's own transformers class, built
+from the config.json our converter would write for it (sdpa attention).
 """
 from __future__ import annotations
 
@@ -33,22 +39,35 @@ TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_hea
             vocab_size=512)
 
 
-def megatron_flops(shape: dict, batch: int, seq: int) -> float:
-    """Megatron-LM's FLOPs per iteration (the trainer's own formula)."""
+def model_args(shape: dict, opts):
+    """The ModelArgs of the benchmarked model: --family's --size row, else llama's shape."""
     from megatron_patch.families.base import ModelArgs
+    from megatron_patch.registry import get_family
+
+    if opts.family:
+        overrides = {"num_layers": opts.num_layers} if opts.num_layers else {}
+        return get_family(opts.family).args_for_size(opts.size, **overrides)
+    return ModelArgs(family="llama", **shape)
+
+
+def megatron_flops(args, batch: int, seq: int) -> float:
+    """Megatron-LM's FLOPs per iteration (the trainer's own formula)."""
     from megatron_patch.training.metrics import flops_per_iteration
 
-    args = ModelArgs(family="llama", **shape)
-    return flops_per_iteration(args, batch, seq, shape["vocab_size"])
+    return flops_per_iteration(args, batch, seq, args.vocab_size)
 
 
 def run_ours(shape, opts, extra: list[str]) -> dict:
     """Our pretrain loop in a subprocess; figures from its metrics file (after warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.jsonl")
+        if opts.family:
+            model = ["--model-family", opts.family, "--model-size", opts.size] + (
+                ["--num-layers", str(opts.num_layers)] if opts.num_layers else [])
+        else:
+            model = ["--model-family", "llama", "--model-size", "1B" if not opts.tiny else "tiny"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-               "--master-port=29517", "-m", "megatron_patch.pretrain", "--model-family",
-               "llama", "--model-size", "1B" if not opts.tiny else "tiny",
+               "--master-port=29517", "-m", "megatron_patch.pretrain", *model,
                "--mock-data", "--micro-batch-size", str(opts.micro_batch_size),
                "--seq-length", str(opts.seq_length), "--lr", "1e-4",
                "--train-iters", str(opts.steps), "--eval-iters", "0",
@@ -67,19 +86,32 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
 
 
 def run_hf(shape, opts, compiled: bool) -> dict:
-    """LlamaForCausalLM training steps in this process."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The HF model's training steps in this process (LlamaForCausalLM, or --family's class)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                         intermediate_size=shape["ffn_hidden_size"],
-                         num_hidden_layers=shape["num_layers"],
-                         num_attention_heads=shape["num_attention_heads"],
-                         max_position_embeddings=opts.seq_length, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(device)
+    if opts.family:
+        from megatron_patch.registry import get_family
+
+        fields = get_family(opts.family).hf_config_from_args(model_args(shape, opts))
+        config = AutoConfig.for_model(**fields)
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        except ValueError:  # BLOOM has no SDPA path in transformers: its own (eager) attention
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        print(f"hf: {type(model).__name__}, attention {model.config._attn_implementation}",
+              flush=True)
+        model = model.to(device)
+    else:
+        config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                             intermediate_size=shape["ffn_hidden_size"],
+                             num_hidden_layers=shape["num_layers"],
+                             num_attention_heads=shape["num_attention_heads"],
+                             max_position_embeddings=opts.seq_length, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compiled else model
-    ids = torch.randint(0, shape["vocab_size"], (opts.micro_batch_size, opts.seq_length),
+    ids = torch.randint(0, model.config.vocab_size, (opts.micro_batch_size, opts.seq_length),
                         device=device)
     times = []
     if device == "cuda":
@@ -112,7 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=None)
     parser.add_argument("--stacks", default="ours,ours+compile,ours(local),hf eager,hf compiled")
+    parser.add_argument("--family", help="a registered family (default: llama's 1B shape)")
+    parser.add_argument("--size", help="--family's sizes row, e.g. bloom 1b1, falcon 7b")
+    parser.add_argument("--num-layers", type=int, help="with --family: fewer layers than the row")
     opts = parser.parse_args(argv)
+    if opts.family and not opts.size:
+        parser.error("--family needs --size (a row of its sizes table)")
     shape = TINY if opts.tiny else SHAPE
     opts.seq_length = opts.seq_length or (64 if opts.tiny else 2048)
     opts.steps = opts.steps or (6 if opts.tiny else 20)
@@ -124,8 +161,14 @@ def main(argv=None) -> int:
         "hf eager": lambda: run_hf(shape, opts, False),
         "hf compiled": lambda: run_hf(shape, opts, True),
     }
-    flops = megatron_flops(shape, opts.micro_batch_size, opts.seq_length)
+    args = model_args(shape, opts)
+    flops = megatron_flops(args, opts.micro_batch_size, opts.seq_length)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    if opts.family:
+        shape = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size",
+                                               "num_attention_heads", "num_query_groups",
+                                               "vocab_size")}
+        shape = {"family": f"{opts.family} {opts.size}", **shape}
     print(f"shape {shape}, seq {opts.seq_length}, micro-batch {opts.micro_batch_size}, "
           f"{'fp32' if opts.tiny else 'bf16'}, {opts.steps} steps ({opts.warmup} warm-up), {gpu}")
     print(f"{'stack':<14} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'loss':>8}")
