@@ -117,3 +117,14 @@ def test_decode_kernels_keep_sdpa_for_alibi_models(attention):
         decode_kernels.resolve("on", cuda, "graph", 64, alibi=True)
     with pytest.raises(ValueError, match="adds no ALiBi bias"):
         decode_kernels.install(torch.nn.Sequential(attention), holder=None)
+
+
+def test_decode_biases_outlive_other_shapes(attention):
+    """A CUDA graph captured at one cache window keeps reading its bias tensor: building the
+    bias of another window (or a prefill) must not free it."""
+    first = attention.bias(1, 128, torch.device("cpu"), torch.float32)
+    attention.bias(1, 256, torch.device("cpu"), torch.float32)
+    attention.bias(10, 10, torch.device("cpu"), torch.float32)
+    attention.bias(12, 12, torch.device("cpu"), torch.float32)
+    assert attention.bias(1, 128, torch.device("cpu"), torch.float32) is first
+    assert [key[:2] for key in attention._bias if key[0] > 1] == [(12, 12)]  # latest prefill

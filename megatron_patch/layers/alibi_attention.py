@@ -100,7 +100,10 @@ class ALiBiAttention(SDPAttention):
             keys = torch.arange(sk, device=device, dtype=torch.float32)
             queries = torch.arange(sk - sq, sk, device=device, dtype=torch.float32)
             distance = keys[None, :] - queries[:, None]
-            self._bias = {key: (self.slopes.to(device)[:, None, None] * distance).to(dtype)[None]}
+            if sq > 1:  # one prefill / training shape at a time (they are large)
+                self._bias = {k: v for k, v in self._bias.items() if k[0] == 1}
+            # Decode biases (one query) are all kept: a captured CUDA graph reads its own.
+            self._bias[key] = (self.slopes.to(device)[:, None, None] * distance).to(dtype)[None]
         return self._bias[key]
 
     def use_fused(self, query, key, attention_mask, mask_type) -> bool:
@@ -121,8 +124,7 @@ class ALiBiAttention(SDPAttention):
         """The fused path: query [s, b, np, hn], key/value [s, b, ng, hn] -> [s, b, np * hn]."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        # flex attention's kernels want [b, h, s, d] rows contiguous (a copy costs far less)
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # views
         seq, device = q.size(2), q.device
         if (seq, device) not in self._block_mask:
             self._block_mask = {(seq, device): create_block_mask(

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--flex-blocks", type=lambda text: tuple(map(int, text.split("x"))),
+                        nargs="*", default=[], metavar="MxN",
+                        help="also time flex_attention alone with these kernel block sizes")
     opts = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_alibi.py needs a GPU (the CPU tests check the math: "
@@ -89,8 +92,8 @@ def main(argv=None) -> int:
     block_mask = create_block_mask(lambda b_, h_, i, j: i >= j, None, None, s, s, device="cuda")
     qc, kc, vc = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_() for t in (q, k, v))
 
-    def raw_flex():  # the kernel alone, on [b, h, s, d] contiguous inputs
-        out = flex(qc, kc, vc, block_mask=block_mask,
+    def raw_flex(options=None):  # the kernel alone, on [b, h, s, d] contiguous inputs
+        out = flex(qc, kc, vc, block_mask=block_mask, kernel_options=options,
                    score_mod=lambda sc, b_, h_, i, j: sc + slopes[h_] * (j - i))
         return out, (qc, kc, vc)
 
@@ -116,6 +119,10 @@ def main(argv=None) -> int:
             torch.autograd.grad(out, (q, k, v), grad)
 
     stacks["flex_attention alone ([b,h,s,d])"] = raw_flex
+    for block_m, block_n in opts.flex_blocks:
+        options = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        stacks[f"  same, BLOCK_M {block_m} BLOCK_N {block_n}"] = (
+            lambda options=options: raw_flex(options))
 
     print(f"batch {b}, {h} heads, seq {s}, head dim {d}, bf16, {torch.cuda.get_device_name()}; "
           f"forward + backward, median of {opts.steps}")
