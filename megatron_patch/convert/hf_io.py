@@ -123,37 +123,62 @@ class HFReader:
         return torch.float32
 
 
+_DTYPE_TAGS = {dtype: tag for tag, dtype in SAFETENSORS_DTYPES.items()}
+
+
 class HFWriter:
     """Writes tensors into safetensors shards of at most ``max_shard_bytes`` (HF's naming and
-    index), then config.json; call :meth:`finish` once."""
+    index), then config.json; call :meth:`finish` once.
+
+    Streaming: each tensor's bytes go to the shard's data file as it arrives, so memory holds
+    one tensor, not a shard; a shard is then its header (which needs every offset) followed by
+    that data, copied in 64 MiB pieces (the safetensors format: an 8-byte little-endian header
+    length, the JSON header, the concatenated tensor bytes)."""
+
+    COPY_BYTES = 64 * 2**20
 
     def __init__(self, path: str, max_shard_bytes: int = 5 * 1024**3):
         self.path = path
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict] = {}
+        self._data = None  # the open data file of the shard being written
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         os.makedirs(path, exist_ok=True)
 
+    def _data_path(self) -> str:
+        return os.path.join(self.path, f"part-{len(self._shards) + 1:05d}.data")
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        if self._entries and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._data.write(memoryview(flat.numpy()))
+        self._entries[name] = {"dtype": _DTYPE_TAGS[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._pending_bytes, self._pending_bytes + size]}
         self._pending_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
+        data_path = self._data_path()
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         number = len(self._shards) + 1
-        save_file(self._pending, os.path.join(self.path, f"part-{number:05d}.safetensors"),
-                  metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        with open(os.path.join(self.path, f"part-{number:05d}.safetensors"), "wb") as out, \
+                open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(data, out, self.COPY_BYTES)
+        os.remove(data_path)
+        self._shards.append(list(self._entries))
+        self._entries, self._data, self._pending_bytes = {}, None, 0
 
     def finish(self, config: dict, side_files_from: str | None = None) -> None:
         """Name the shards as HF does, write the index, config.json and side files."""
-        if self._pending:
+        if self._entries:
             self._flush()
         total = len(self._shards)
         weight_map = {}
