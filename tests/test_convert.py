@@ -389,7 +389,6 @@ def test_unknown_family_and_mismatched_family(hf_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--target-tensor-model-parallel-size", "3", "does not divide the 4 attention heads"),
-    ("--target-tensor-model-parallel-size", "4", "does not divide the 2 query groups"),
     ("--target-pipeline-model-parallel-size", "3", "does not divide the 2 layers"),
     ("--target-tensor-model-parallel-size", "0", "must be at least 1, got 0"),
 ])
@@ -398,6 +397,16 @@ def test_layouts_that_do_not_divide_are_refused(tmp_path, capsys, flag, value, m
     err = _error(capsys, ["--load", hf_dir, "--save", str(tmp_path / "out"), flag, value])
     assert message in err and flag in err
     assert not (tmp_path / "out").exists()
+
+
+def test_key_value_groups_neither_dividing_nor_a_multiple_of_tp_are_refused(tmp_path, capsys):
+    # 6 heads in 3 groups at TP2: two ranks cannot share three key/value heads evenly.
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), hidden_size=96, num_attention_heads=6,
+                             num_key_value_heads=3)
+    err = _error(capsys, ["--load", hf_dir, "--save", str(tmp_path / "out"),
+                          "--target-tensor-model-parallel-size", "2"])
+    assert "--target-tensor-model-parallel-size 2 does not divide the 3 query groups" in err
+    assert "nor is it a multiple of them" in err and not os.path.exists(tmp_path / "out")
 
 
 def test_a_tensor_missing_from_the_hf_checkpoint_leaves_no_output(tmp_path, capsys):
@@ -575,3 +584,29 @@ def test_truncated_and_missing_weight_files_are_errors_that_name_them(tmp_path, 
     err = _error(capsys, ["--load", str(hf_dir), "--save", str(tmp_path / "out")])
     assert "gone.safetensors: missing (the weight index names it)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_writer_shards_read_back_with_safetensors_own_reader(tmp_path):
+    """HFWriter writes safetensors files itself (header after the streamed data): safetensors'
+    and transformers' index conventions read them back, every dtype, odd sizes, empty ones."""
+    from safetensors import safe_open
+
+    from megatron_patch.convert.hf_io import HFWriter
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 3), "b.weight": torch.randn(5).to(torch.bfloat16),
+               "c.bias": torch.randn(3, 2).to(torch.float16)[:, 1],  # a strided view
+               "d.ids": torch.arange(3, dtype=torch.int64), "e.mask": torch.tensor([True, False]),
+               "f.empty": torch.zeros(0, 4)}
+    writer = HFWriter(str(tmp_path), max_shard_bytes=100)  # a shard holds a tensor or two
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.finish({"model_type": "llama"})
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"]
+    assert sorted(index) == sorted(tensors) and len(set(index.values())) == 2
+    for name, file in index.items():
+        with safe_open(str(tmp_path / file), framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            got = handle.get_tensor(name)
+        assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), name
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".data")]

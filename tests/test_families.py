@@ -1,6 +1,7 @@
 """Every registered family besides llama (whose own tests in test_convert / test_training /
 test_generation go further) through every stage, against transformers' own class for it:
-conversion round trips, logits and loss, greedy generation with per-step log-probabilities,
+conversion round trips (a multi-query model's key/value head copied over TP ranks),
+logits and loss, greedy generation with per-step log-probabilities,
 layout invariance, exact resume and the seed launchers. The cases come from the registry: each
 family's sizes rows named ``tiny*`` (falcon has a 7B-style and a 40B-style one), built by
 helpers.save_tiny_hf from the family's own declaration with a 300-token vocabulary (384 rows at
@@ -42,15 +43,14 @@ def shared(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}" for f, s in CASES])
 def case(request, shared):
-    """One family's tiny HF model (with the tokenizer) converted at TP1 and at the widest
-    layout it allows: TP2 x PP2, or PP2 for a single key/value head (not split over TP yet)."""
+    """One family's tiny HF model (with the tokenizer) converted at TP1 and at TP2 x PP2 (a
+    single key/value head, falcon-7B's multi-query attention, is copied to both TP ranks)."""
     name, size = request.param
     root = shared.root / f"{name}-{size}"
     hf = save_tiny_hf(name, str(root / "hf"), size=size, vocab_size=VOCAB, qk_scale=10.0)
     for file in os.listdir(shared.tokenizer):
         shutil.copy(os.path.join(shared.tokenizer, file), hf)
-    args = FAMILIES[name].args_for_size(size)
-    tp = 2 if args.num_query_groups % 2 == 0 else 1
+    tp = 2
     engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
     engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(tp, 2),
                                   progress=False)
@@ -120,7 +120,7 @@ def pretrain(shared, case, metrics, *extra, nproc=1):
             str(ITERS), "--eval-iters", "0", "--log-interval", "1", "--metrics-file",
             str(metrics), *extra]
     run_torchrun(args, nproc=nproc) if nproc > 1 else run_python(args)
-    return {r["iteration"]: r["lm_loss"] for r in map(json.loads, open(metrics))}
+    return {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in map(json.loads, open(metrics))}
 
 
 def test_layouts_agree_and_resume_is_exact(shared, case, tmp_path):
@@ -129,13 +129,14 @@ def test_layouts_agree_and_resume_is_exact(shared, case, tmp_path):
                     str(case.tp), "--pipeline-model-parallel-size", str(case.pp),
                     nproc=case.tp * case.pp)
     assert sorted(wide) == sorted(reference) == list(range(1, ITERS + 1))
-    for iteration, loss in reference.items():
-        assert wide[iteration] == pytest.approx(loss, rel=1e-5), iteration
+    # Losses and grad norms (the clipping at --clip-grad 1.0 sees the norm)
+    for iteration, loss_and_norm in reference.items():
+        assert wide[iteration] == pytest.approx(loss_and_norm, rel=1e-5), iteration
     ckpt = tmp_path / "ckpt"
     pretrain(shared, case, tmp_path / "part.jsonl", "--save", str(ckpt), "--exit-interval", "2")
     resumed = pretrain(shared, case, tmp_path / "part.jsonl", "--load", str(ckpt), "--save",
                        str(ckpt))
-    assert resumed == reference  # bit for bit
+    assert resumed == reference  # bit for bit, grad norms too
 
 
 def test_seed_launchers_pretrain_and_refuse_a_wrong_size(shared, case, tmp_path):
@@ -156,3 +157,41 @@ def test_seed_launchers_pretrain_and_refuse_a_wrong_size(shared, case, tmp_path)
     bad = launch(script, list({**args, "MODEL_SIZE": "13B-nope"}.values()))
     assert bad.returncode == 2
     assert f"MODEL_SIZE '13B-nope' is not a {case.name} size; choose one of" in bad.stderr
+
+
+def test_seed_finetune_launcher_loss_equals_hf(case, tmp_path):
+    """SFT through the family's seed launcher: its first loss (before any update) is the
+    token-weighted response loss of transformers' model on each record alone."""
+    from test_launchers import launch
+    from test_training import SFT_RECORDS, hf_response_loss
+
+    (tmp_path / "sft.json").write_text(json.dumps(SFT_RECORDS))
+    args = dict(ENV="dsw", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=REPO, MODEL_SIZE=case.size,
+                BATCH_SIZE="4", LR="1e-3", MIN_LR="0", SEQ_LEN="256", PAD_LEN="256",
+                EXTRA_VOCAB_SIZE="0", PR="fp32", TP="1", PP="1", AC="none", DO="false",
+                FL="true", SP="false", TRAIN_DATASET_PATH=str(tmp_path / "sft.json"),
+                VALID_DATASET_PATH="none", PRETRAIN_CHECKPOINT_PATH=case.tp1, EPOCH="1",
+                OUTPUT_BASEPATH=str(tmp_path / "out"))
+    script = os.path.join(REPO, "examples", case.name, f"run_finetune_megatron_{case.name}.sh")
+    proc = launch(script, list(args.values()))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (metrics,) = (tmp_path / "out" / "metrics").iterdir()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if "lm_loss" in line]
+    assert rows[0]["iteration"] == 1
+    assert rows[0]["lm_loss"] == pytest.approx(hf_response_loss(case.hf, SFT_RECORDS), abs=1e-5)
+
+
+def test_copied_key_value_heads_refuse_the_distributed_optimizer(tmp_path):
+    """One key/value head over TP2: its copies' gradients are summed on the whole gradient,
+    which the distributed optimizer shards; the run says so instead of drifting apart."""
+    hf = save_tiny_hf("falcon", str(tmp_path / "hf"), size="tiny", vocab_size=VOCAB)
+    engine.convert_hf_to_megatron(hf, str(tmp_path / "mg"), progress=False)
+    proc = run_torchrun(["-m", "megatron_patch.pretrain", "--load", str(tmp_path / "mg"),
+                         "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
+                         "--seq-length", "32", "--lr", "1e-3", "--train-iters", "1",
+                         "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"],
+                        nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "--use-distributed-optimizer with --tensor-model-parallel-size 2 and 1 key/value " \
+           "head(s): each is copied to 2 ranks" in proc.stderr
+    assert proc.stderr.count("--use-distributed-optimizer with") == 1  # rank 0 only

@@ -109,7 +109,8 @@ class TorchDistReader:
                        if not k.endswith("_extra_state")}
         self.consumed: set[tuple[int, str]] = set()
 
-    def get(self, name: str, stage: str, split, layers_per_stage: int) -> torch.Tensor:
+    def get(self, name: str, stage: str, split, layers_per_stage: int,
+            dims=None) -> torch.Tensor:
         if name not in self._state:
             raise CheckpointError(f"{self.iter_dir}: no tensor '{name}'")
         self.consumed.add((0, name))

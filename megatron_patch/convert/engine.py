@@ -5,7 +5,7 @@ through the ops' inverses too, so every direction uses the same table.
 Memory stays near one rank file (HF -> Megatron) or one HF shard (Megatron -> HF) plus one full
 tensor: readers copy each tensor out of its file with a plain read (nothing stays mapped), the
 TP ranks of a stage are saved one at a time (see :func:`write_megatron_stages`) and the HF
-writer holds one shard of at most 5 GB. ``python -m megatron_patch.convert`` also keeps freed
+writer streams each tensor to its shard's file as it comes (hf_io.HFWriter). ``python -m megatron_patch.convert`` also keeps freed
 tensors from staying resident (:func:`~megatron_patch.convert.io_utils.
 unmap_large_allocations_on_free`); ``toolkits/benchmarks/bench_convert.py`` measures the peaks.
 """
@@ -151,13 +151,14 @@ def write_megatron_stages(family, args, meta, fetch, save_rank, spill_dir: str,
     one full tensor, not every rank of the stage."""
     tp, pp = meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
     per_stage = [stage_bindings(family, args, pp, s) for s in range(pp)]
+    dims = dims_for(args, meta["padded_vocab_size"])  # the grouped QKV's split needs them
     with _progress(sum(map(len, per_stage)), "writing megatron", progress) as bar:
         for stage, bindings in enumerate(per_stage):
             first = {}
             spills = [TensorSpill(os.path.join(spill_dir, f"spill-tp{rank}"))
                       for rank in range(1, tp)]
             for binding in bindings:
-                pieces = split_tensor(fetch(binding), binding.row.tp, tp)
+                pieces = split_tensor(fetch(binding), binding.row.tp, tp, dims)
                 first[binding.megatron_local] = pieces[0]
                 for spill, piece in zip(spills, pieces[1:]):
                     spill.put(binding.megatron_local, piece)
@@ -370,7 +371,8 @@ def megatron_full_fetcher(reader, args, meta, padded_vocab: int):
     per_stage = args.num_layers // reader.pp
 
     def fetch(binding):
-        full = reader.get(binding.megatron_global, binding.row.stage, binding.row.tp, per_stage)
+        full = reader.get(binding.megatron_global, binding.row.stage, binding.row.tp, per_stage,
+                          src_dims)
         if src_dims == dst_dims:
             return full
         return binding.row.op.to_megatron(binding.row.op.to_hf(full, src_dims), dst_dims)

@@ -150,9 +150,10 @@ class MegatronReader:
     def stage_keys(self, pp_rank: int) -> list[str]:
         return [k for k in self._load(0, pp_rank)["model"] if not k.endswith("_extra_state")]
 
-    def get(self, name: str, stage: str, split, layers_per_stage: int) -> torch.Tensor:
+    def get(self, name: str, stage: str, split, layers_per_stage: int,
+            dims=None) -> torch.Tensor:
         """Tensor ``name`` (local-spec name, global layer numbering) merged over
-        tensor-parallel ranks."""
+        tensor-parallel ranks (``dims``: the model's ops.Dims, for a grouped QKV)."""
         pp_rank, local = self._locate(name, stage, layers_per_stage)
         local = naming.to_scheme(local, self.naming)
         pieces = []
@@ -163,7 +164,10 @@ class MegatronReader:
                                       f" has no tensor '{local}'")
             pieces.append(read_tensor(self._path(tp_rank, pp_rank), state[local]))
         self.consumed.add((pp_rank, local))
-        return merge_tensors(pieces, split)
+        try:
+            return merge_tensors(pieces, split, dims, name)
+        except ValueError as err:
+            raise CheckpointError(f"{self.iter_dir}: {err}") from None
 
     def _locate(self, name: str, stage: str, layers_per_stage: int) -> tuple[int, str]:
         if stage == "first":

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_patch.convert.engine import megatron_full_fetcher, open_megatron, stage_bindings
+from megatron_patch.convert.engine import (dims_for, megatron_full_fetcher, open_megatron,
+                                           stage_bindings)
 from megatron_patch.convert.io_utils import CheckpointError
 from megatron_patch.convert.sharding import shard_tensor
 from megatron_patch.tokenizers.vocab import padded_vocab_size
@@ -28,12 +29,13 @@ def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int,
     reader, family, args, meta = reader_bundle or open_megatron(load)
     padded = getattr(model, "vocab_size", None) or runtime_padded_vocab(meta, tp)
     fetch = megatron_full_fetcher(reader, args, meta, padded)
+    dims = dims_for(args, padded)
     state = model.state_dict(keep_vars=True)
     expected = {k for k in state if not k.endswith("_extra_state")}
     for binding in stage_bindings(family, args, pp, pp_rank):
         if binding.megatron_local not in state:
             raise CheckpointError(f"{load}: model has no parameter '{binding.megatron_local}'")
-        piece = shard_tensor(fetch(binding), binding.row.tp, tp, tp_rank)
+        piece = shard_tensor(fetch(binding), binding.row.tp, tp, tp_rank, dims)
         target = state[binding.megatron_local]
         if target.shape != piece.shape:
             raise CheckpointError(f"{load}: '{binding.megatron_local}' has shape "

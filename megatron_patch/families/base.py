@@ -62,10 +62,15 @@ class ModelArgs:
         pp_flag = f"{flag_prefix}pipeline-model-parallel-size"
         if tensor_parallel < 1:
             raise ValueError(f"{tp_flag} must be at least 1, got {tensor_parallel}")
-        for what, count in (("attention heads", self.num_attention_heads),
-                            ("query groups (num_key_value_heads)", self.num_query_groups)):
-            if count % tensor_parallel:
-                raise ValueError(f"{tp_flag} {tensor_parallel} does not divide the {count} {what}")
+        if self.num_attention_heads % tensor_parallel:
+            raise ValueError(f"{tp_flag} {tensor_parallel} does not divide the "
+                             f"{self.num_attention_heads} attention heads")
+        groups = self.num_query_groups
+        # Fewer key/value groups than ranks: each group is copied to TP / groups ranks.
+        if groups % tensor_parallel and tensor_parallel % groups:
+            raise ValueError(f"{tp_flag} {tensor_parallel} does not divide the {groups} query "
+                             f"groups (num_key_value_heads), nor is it a multiple of them (then "
+                             f"each key/value head is copied to TP / {groups} ranks)")
         if self.ffn_hidden_size % tensor_parallel:
             raise ValueError(f"{tp_flag} {tensor_parallel} does not divide ffn_hidden_size "
                              f"{self.ffn_hidden_size}")

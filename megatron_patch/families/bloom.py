@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import PadVocab
-from megatron_patch.convert.sharding import COLUMN, ROW
+from megatron_patch.convert.sharding import COLUMN, QKV, ROW
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
 
 CONFIG_FIELDS = (
@@ -75,7 +75,7 @@ def weights(args: ModelArgs) -> list[Row]:
           for p in ("weight", "bias")),
         *(Row(mg + f"input_layernorm.{p}", hf + f"input_layernorm.{p}") for p in ("weight", "bias")),
         *(Row(mg + f"self_attention.linear_qkv.{p}", hf + f"self_attention.query_key_value.{p}",
-              tp=COLUMN) for p in ("weight", "bias")),
+              tp=QKV) for p in ("weight", "bias")),
         Row(mg + "self_attention.linear_proj.weight", hf + "self_attention.dense.weight", tp=ROW),
         Row(mg + "self_attention.linear_proj.bias", hf + "self_attention.dense.bias"),
         *(Row(mg + f"pre_mlp_layernorm.{p}", hf + f"post_attention_layernorm.{p}")

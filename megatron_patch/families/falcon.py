@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import PadVocab
-from megatron_patch.convert.sharding import COLUMN, ROW
+from megatron_patch.convert.sharding import COLUMN, QKV, ROW
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
 from megatron_patch.families.rope import read_rope, write_rope
 
@@ -118,7 +118,7 @@ def weights(args: ModelArgs) -> list[Row]:
             COLUMN, stage="first"),
         *_norm_rows(args, hf, mg),
         *(Row(mg + f"self_attention.linear_qkv.{p}", hf + f"self_attention.query_key_value.{p}",
-              tp=COLUMN) for p in bias),
+              tp=QKV) for p in bias),
         Row(mg + "self_attention.linear_proj.weight", hf + "self_attention.dense.weight", tp=ROW),
         *(Row(mg + f"mlp.linear_fc1.{p}", hf + f"mlp.dense_h_to_4h.{p}", tp=COLUMN)
           for p in bias),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import FuseQKV, PadVocab
-from megatron_patch.convert.sharding import COLUMN, ROW
+from megatron_patch.convert.sharding import COLUMN, QKV, ROW
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
 
 OPT_POSITION_OFFSET = 2  # transformers' OPTLearnedPositionalEmbedding.offset
@@ -86,7 +86,7 @@ def weights(args: ModelArgs) -> list[Row]:
             stage="first"),
         *(Row(mg + f"input_layernorm.{p}", hf + f"self_attn_layer_norm.{p}") for p in both),
         *(Row(mg + f"self_attention.linear_qkv.{p}",
-              tuple(hf + f"self_attn.{x}_proj.{p}" for x in "qkv"), FuseQKV(), COLUMN)
+              tuple(hf + f"self_attn.{x}_proj.{p}" for x in "qkv"), FuseQKV(), QKV)
           for p in both),
         Row(mg + "self_attention.linear_proj.weight", hf + "self_attn.out_proj.weight", tp=ROW),
         Row(mg + "self_attention.linear_proj.bias", hf + "self_attn.out_proj.bias"),

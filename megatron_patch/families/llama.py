@@ -7,7 +7,7 @@ from __future__ import annotations
 from megatron_patch.convert.derived import Derived, RotaryInvFreq
 from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import Concat, FuseQKV, PadVocab
-from megatron_patch.convert.sharding import COLUMN, ROW, Split
+from megatron_patch.convert.sharding import COLUMN, QKV, ROW, Split
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
 from megatron_patch.families.rope import LLAMA3_FIXED, read_rope, write_rope
 
@@ -74,7 +74,7 @@ def weights(args: ModelArgs) -> list[Row]:
             stage="first"),
         Row(mg_layer + "input_layernorm.weight", hf_layer + "input_layernorm.weight"),
         Row(mg_layer + "self_attention.linear_qkv.weight",
-            tuple(hf_layer + f"self_attn.{p}_proj.weight" for p in "qkv"), FuseQKV(), COLUMN),
+            tuple(hf_layer + f"self_attn.{p}_proj.weight" for p in "qkv"), FuseQKV(), QKV),
         Row(mg_layer + "self_attention.linear_proj.weight", hf_layer + "self_attn.o_proj.weight",
             tp=ROW),
         Row(mg_layer + "pre_mlp_layernorm.weight", hf_layer + "post_attention_layernorm.weight"),

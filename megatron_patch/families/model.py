@@ -34,7 +34,9 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
+        # Fewer key/value groups than TP ranks: each rank holds a copy of its group's heads
+        # (convert/sharding.py GroupedQKV; the copies' gradients: training/replicated_kv.py).
+        num_query_groups=max(args.num_query_groups, tensor_parallel),
         kv_channels=args.kv_channels,
         layernorm_epsilon=args.norm_epsilon,
         normalization=args.normalization,

@@ -21,7 +21,7 @@ import hashlib
 import torch
 
 from megatron_patch.convert.engine import dims_for, stage_bindings
-from megatron_patch.convert.sharding import shard_tensor
+from megatron_patch.convert.sharding import GroupedQKV, shard_tensor
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -70,11 +70,14 @@ def initialize_weights(model: torch.nn.Module, family, model_args, padded_vocab:
         full_shape = list(param.shape)
         if binding.row.tp is not None:
             full_shape[binding.row.tp.dim] *= tp
+        if isinstance(binding.row.tp, GroupedQKV):  # without the key/value copies of TP > groups
+            heads = dims.num_attention_heads + 2 * dims.num_query_groups
+            full_shape[0] = heads * dims.kv_channels
         hf_shapes = [t.shape for t in binding.row.op.to_hf(
             torch.empty(full_shape, device="meta"), dims)]
         parts = [_draw(shape, init, tensor_seed(seed, hf_name), param.device)
                  for shape, hf_name in zip(hf_shapes, binding.hf)]
         full = binding.row.op.to_megatron(parts, dims)
-        param.copy_(shard_tensor(full, binding.row.tp, tp, tp_rank))
+        param.copy_(shard_tensor(full, binding.row.tp, tp, tp_rank, dims))
         drawn += 1
     return drawn

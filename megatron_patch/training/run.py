@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
-from megatron_patch.training import arguments, checkpointing, model_setup
+from megatron_patch.training import arguments, checkpointing, model_setup, replicated_kv
 from megatron_patch.training.loop import configure_model, run_training
 from megatron_patch.training.metrics import TrainingLogger, prepare_metrics_file
 
@@ -113,6 +113,7 @@ def setup(args, data):
     plan = model_setup.plan_model(args)
     datasets = data.build_datasets(args, plan)  # may set --train-iters (epochs), seq length
     model_setup.check_sequence_length(args, plan.model_args)
+    replicated_kv.check(args, plan.model_args)
     if args.train_iters is None:
         raise ValueError("give --train-iters or --train-tokens (or --epochs for finetune)")
     _banner(args, plan, dist.get_rank())
@@ -128,7 +129,8 @@ def setup(args, data):
     state = {"iteration": 0, "consumed_train_samples": 0}
     if payload is not None:
         state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))
-    configure_model(chunks, optimizer, args)
+    config = configure_model(chunks, optimizer, args)
+    replicated_kv.install(chunks, optimizer, plan.model_args.num_query_groups, config)
     return dict(plan=plan, chunks=chunks, model=model, optimizer=optimizer,
                 scheduler=scheduler, state=state, datasets=datasets)
 
