@@ -195,3 +195,24 @@ def test_copied_key_value_heads_refuse_the_distributed_optimizer(tmp_path):
     assert "--use-distributed-optimizer with --tensor-model-parallel-size 2 and 1 key/value " \
            "head(s): each is copied to 2 ranks" in proc.stderr
     assert proc.stderr.count("--use-distributed-optimizer with") == 1  # rank 0 only
+
+
+def test_seed_converter_wrapper_round_trip_and_family_check(case, tmp_path):
+    """toolkits/model_checkpoints_convertor/<family>/: HF -> Megatron TP2 x PP2 -> HF with the
+    seed's positional arguments is bit-identical; another family's HF checkpoint is refused."""
+    import subprocess
+
+    from test_convert import assert_bit_identical
+
+    wrapper = os.path.join(REPO, "toolkits", "model_checkpoints_convertor", case.name,
+                           "model_convertor_huggingface_megatron.sh")
+    mg, back = str(tmp_path / "mg"), str(tmp_path / "back")
+    for args in ([case.hf, mg, "2", "2", "false"], [mg, back, "1", "1", "true"]):
+        proc = subprocess.run(["bash", wrapper, "none", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert "(TP=2, PP=2, torch)" in proc.stdout
+    assert_bit_identical(case.hf, back)
+    other = save_tiny_hf("llama", str(tmp_path / "llama"), vocab_size=VOCAB)
+    proc = subprocess.run(["bash", wrapper, "none", other, str(tmp_path / "x"), "1", "1",
+                           "false"], capture_output=True, text=True)
+    assert proc.returncode != 0 and f"--model-family {case.name} does not match" in proc.stderr
