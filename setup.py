@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         # The tests run megatron_patch.kernels in Triton's interpreter on the CPU.
-        "test": ["pytest", "pytest-timeout", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "matplotlib", "triton>=3.0; platform_system == 'Linux'"],
         # Triton decode kernels (generate --decode-kernels); CUDA builds of torch bring it.
         "kernels": ["triton>=3.0"],
         "plot": ["matplotlib"],

@@ -62,9 +62,10 @@ def case(request, shared):
     return prepare(shared, *request.param)
 
 
-# Training runs once per family, on its first tiny row: falcon's 40B-style row differs from
-# the 7B-style one in its norms and key/value groups, which the logits, loss and SFT tests
-# compare with HF at TP2 x PP2; the 7B-style row is the one whose KV head is copied over TP.
+# Training, SFT and the converter wrapper run once per family, on its first tiny row: falcon's
+# 40B-style row differs from the 7B-style one in its norms and key/value groups, which the
+# logits, loss and generation tests compare with HF at TP2 x PP2 (and its seed pretraining
+# launcher trains it); the 7B-style row is the one whose KV head is copied over TP.
 TRAINED = [(name, size) for name, size in CASES if size == "tiny"]
 
 
@@ -175,12 +176,13 @@ def test_seed_launchers_pretrain_and_refuse_a_wrong_size(shared, case, tmp_path)
     assert f"MODEL_SIZE '13B-nope' is not a {case.name} size; choose one of" in bad.stderr
 
 
-def test_seed_finetune_launcher_loss_equals_hf(case, tmp_path):
+def test_seed_finetune_launcher_loss_equals_hf(trained_case, tmp_path):
     """SFT through the family's seed launcher: its first loss (before any update) is the
     token-weighted response loss of transformers' model on each record alone."""
     from test_launchers import launch
     from test_training import SFT_RECORDS, hf_response_loss
 
+    case = trained_case
     (tmp_path / "sft.json").write_text(json.dumps(SFT_RECORDS))
     args = dict(ENV="dsw", MEGATRON_PATH="none", MEGATRON_PATCH_PATH=REPO, MODEL_SIZE=case.size,
                 BATCH_SIZE="4", LR="1e-3", MIN_LR="0", SEQ_LEN="256", PAD_LEN="256",
@@ -213,13 +215,14 @@ def test_copied_key_value_heads_refuse_the_distributed_optimizer(tmp_path):
     assert proc.stderr.count("--use-distributed-optimizer with") == 1  # rank 0 only
 
 
-def test_seed_converter_wrapper_round_trip_and_family_check(case, tmp_path):
+def test_seed_converter_wrapper_round_trip_and_family_check(trained_case, tmp_path):
     """toolkits/model_checkpoints_convertor/<family>/: HF -> Megatron TP2 x PP2 -> HF with the
     seed's positional arguments is bit-identical; another family's HF checkpoint is refused."""
     import subprocess
 
     from test_convert import assert_bit_identical
 
+    case = trained_case
     wrapper = os.path.join(REPO, "toolkits", "model_checkpoints_convertor", case.name,
                            "model_convertor_huggingface_megatron.sh")
     mg, back = str(tmp_path / "mg"), str(tmp_path / "back")

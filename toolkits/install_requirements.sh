@@ -24,7 +24,7 @@ here = os.path.realpath(os.path.dirname(os.path.dirname(megatron_patch.__file__)
 sys.exit(0 if here == os.path.realpath(sys.argv[1]) else 1)
 '
 extra_mods=()
-[[ ",$extras," == *",test,"* ]] && extra_mods+=(pytest pytest_timeout matplotlib triton)
+[[ ",$extras," == *",test,"* ]] && extra_mods+=(pytest pytest_timeout xdist matplotlib triton)
 if ! (cd /tmp && "$PY" -W ignore -c "$check" "$root" "${extra_mods[@]}") >/dev/null 2>&1; then
   target="$root"
   [[ -n "$extras" ]] && target="$root[$extras]"
