@@ -85,9 +85,12 @@ class ALiBiAttention(SDPAttention):
                          attention_dropout, softmax_scale, cp_comm_type, pg_collection)
         from megatron.core import parallel_state as ps
 
-        self.slopes = rank_slopes(config.num_attention_heads,
-                                  ps.get_tensor_model_parallel_rank(),
-                                  config.tensor_model_parallel_size)
+        # A buffer, so it moves with the model (a CPU tensor would be copied to the GPU, a
+        # synchronising copy, whenever a bias is built); not persistent: not a weight.
+        self.register_buffer("slopes", rank_slopes(config.num_attention_heads,
+                                                   ps.get_tensor_model_parallel_rank(),
+                                                   config.tensor_model_parallel_size),
+                             persistent=False)
         self._bias: dict = {}
         self._block_mask: dict = {}
 
