@@ -57,6 +57,9 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        # megatron-core 0.16's default "full" is its own deprecated spelling of [] and warns
+        # on every config; [] is the same scope, without the warning.
+        cuda_graph_scope=[],
     )
     fields.update(overrides)
     return TransformerConfig(**fields)
