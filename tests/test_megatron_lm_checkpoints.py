@@ -410,27 +410,18 @@ def test_training_loads_transformer_engine_names_into_the_local_spec(layouts, tm
            "trainer does not resume; pass --finetune" in proc.stderr
 
 
-def test_the_gpu_script_checks_its_arguments():
+@pytest.mark.parametrize("script, needs", [
+    # Megatron-LM's own pretrain_gpt.py on a GPU, and its own save_checkpoint on the CPU: both
+    # need a Megatron-LM checkout, which CI lacks, so they are run by hand.
+    ("tests/gpu/megatron_lm_interop.sh", "pretrain_gpt.py"),
+    ("tests/interop/megatron_lm_save_cpu.sh", "megatron/training/checkpointing.py"),
+])
+def test_the_interop_scripts_check_their_arguments(script, needs):
     import subprocess
 
-    script = os.path.join(REPO, "tests", "gpu", "megatron_lm_interop.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    proc = subprocess.run(["bash", script], capture_output=True, text=True)
-    assert proc.returncode == 2 and "usage: bash tests/gpu/megatron_lm_interop.sh " \
-                                    "MEGATRON_LM_DIR" in proc.stderr
-    proc = subprocess.run(["bash", script, "/nonexistent"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "/nonexistent/pretrain_gpt.py" in proc.stderr
-
-
-def test_the_cpu_interop_script_checks_its_arguments():
-    """tests/interop/megatron_lm_save_cpu.sh (Megatron-LM's own save_checkpoint, TP2 x PP2 on
-    the CPU) needs a Megatron-LM checkout, which CI lacks: it is run by hand."""
-    import subprocess
-
-    script = os.path.join(REPO, "tests", "interop", "megatron_lm_save_cpu.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
-    proc = subprocess.run(["bash", script], capture_output=True, text=True)
-    assert proc.returncode == 2 and "usage: bash tests/interop/megatron_lm_save_cpu.sh " \
-                                    "MEGATRON_LM_DIR" in proc.stderr
-    proc = subprocess.run(["bash", script, "/nonexistent"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "/nonexistent/megatron/training/checkpointing.py" in proc.stderr
+    path = os.path.join(REPO, script)
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    proc = subprocess.run(["bash", path], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"usage: bash {script} MEGATRON_LM_DIR" in proc.stderr
+    proc = subprocess.run(["bash", path, "/nonexistent"], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"/nonexistent/{needs}" in proc.stderr

@@ -40,19 +40,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 FAILS=0
 
-# step LOG_NAME DESCRIPTION COMMAND...: run it, say PASS or FAIL, show the log's end on FAIL.
-step() {
-    local log="$WORK/$1.log" what="$2"
-    shift 2
-    if "$@" >"$log" 2>&1; then
-        echo "PASS $what"
-    else
-        echo "FAIL $what (exit $?; end of $log:)"
-        tail -n 25 "$log" | sed 's/^/    /'
-        FAILS=$((FAILS + 1))
-        return 1
-    fi
-}
+# shellcheck source=../interop/steps.sh
+source "$REPO/tests/interop/steps.sh"
 
 # Megatron-LM's pretrain_gpt.py, run from its checkout (its megatron/ comes first), on the
 # tiny llama's shape: FORMAT LOAD SAVE.

@@ -34,18 +34,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 FAILS=0
 
-step() {
-    local log="$WORK/$1.log" what="$2"
-    shift 2
-    if "$@" >"$log" 2>&1; then
-        echo "PASS $what"
-    else
-        echo "FAIL $what (exit $?; end of $log:)"
-        tail -n 25 "$log" | sed 's/^/    /'
-        FAILS=$((FAILS + 1))
-        return 1
-    fi
-}
+# shellcheck source=../interop/steps.sh
+source "$REPO/tests/interop/steps.sh"
 
 cd "$REPO" || exit 2
 echo "Megatron-LM: $MLM; work: $WORK"
