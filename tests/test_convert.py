@@ -139,7 +139,8 @@ def test_help_shows_every_default():
     assert "(default: None)" not in text
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+# TP4 over gqa's 2 key/value heads copies each to two ranks (sharding.GroupedQKV).
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2), (4, 1)])
 def test_logits_match_hf(hf_model, tmp_path, tp, pp):
     _, hf_dir = hf_model
     to_megatron(hf_dir, tmp_path / "mg", tp=tp, pp=pp)
