@@ -611,3 +611,22 @@ def test_streaming_writer_shards_read_back_with_safetensors_own_reader(tmp_path)
             got = handle.get_tensor(name)
         assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), name
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".data")]
+
+
+def test_key_value_copies_that_differ_are_refused_on_the_way_back(tmp_path):
+    """TP4 over 2 key/value heads: ranks 0 and 1 hold copies of group 0's heads. A checkpoint
+    whose copies differ (trained without the copies' gradient sum) is an error naming the
+    tensor, and no HF directory is left behind."""
+    from megatron_patch.convert.io_utils import CheckpointError
+
+    hf_dir = save_tiny_llama(str(tmp_path / "hf"), num_key_value_heads=2)
+    to_megatron(hf_dir, tmp_path / "mg", tp=4)
+    path = tmp_path / "mg" / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    payload = torch.load(path, weights_only=False)
+    payload["model"]["decoder.layers.1.self_attention.linear_qkv.weight"][-1, 0] += 1.0  # a v row
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"decoder\.layers\.1\.self_attention\.linear_qkv"
+                                              r"\.weight: the key/value heads replicated over 2"):
+        engine.convert_megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"),
+                                      progress=False)
+    assert not os.path.exists(tmp_path / "back")
