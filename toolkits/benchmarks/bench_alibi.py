@@ -1,9 +1,11 @@
 """ALiBi core attention on a GPU: forward + backward time of megatron_patch's ALiBiAttention
-(flex_attention with an ALiBi score_mod and a causal block mask, compiled) against plain causal
-flash SDPA (no ALiBi: the floor) and SDPA with a dense ALiBi + causal bias tensor (what a bias
-per layer per step costs; its bf16 bias is transformers' BLOOM's ``slope * j``), all in the
-same run; and how far each ALiBi path's output and gradients are from an fp32 computation of
-the same attention.
+(flex_attention with an ALiBi score_mod and a causal block mask, compiled) against plain
+causal SDPA without ALiBi (the floor: SDPA's default, cuDNN's kernel on an H200, and
+FlashAttention-2's), SDPA with a dense ALiBi + causal bias tensor (what a bias per layer per
+step costs; its bf16 bias is transformers' BLOOM's ``slope * j``) and ALiBiAttention's own
+bias-tensor path (fp32, padding masks, decode), all in the same run; and how far each ALiBi
+path's output and gradients are from an fp32 computation of the same attention. Times are
+medians over groups of 10 back-to-back steps (the GPU's time, not the launches').
 
     python toolkits/benchmarks/bench_alibi.py                # batch 4, 16 heads, seq 2048, dim 128
     python toolkits/benchmarks/bench_alibi.py --seq 4096 --heads 32
@@ -18,18 +20,19 @@ import torch
 import torch.nn.functional as F
 
 
-def timed(fn, steps: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events)."""
+def timed(fn, steps: int, warmup: int, group: int = 10) -> float:
+    """Median milliseconds of ``fn()`` over groups of ``group`` back-to-back calls."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(steps):
+    for _ in range(max(1, steps // group)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(group):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / group)
     return statistics.median(times)
 
 
@@ -54,11 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--flex-blocks", type=lambda text: tuple(map(int, text.split("x"))),
-                        nargs="*", default=[], metavar="MxN",
-                        help="also time flex_attention alone with these kernel block sizes")
     opts = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_alibi.py needs a GPU (the CPU tests check the math: "
@@ -86,25 +86,21 @@ def main(argv=None) -> int:
         out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=bias, is_causal=bias is None)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = create_block_mask(lambda b_, h_, i, j: i >= j, None, None, s, s, device="cuda")
-    qc, kc, vc = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_() for t in (q, k, v))
-
-    def raw_flex(options=None):  # the kernel alone, on [b, h, s, d] contiguous inputs
-        out = flex(qc, kc, vc, block_mask=block_mask, kernel_options=options,
-                   score_mod=lambda sc, b_, h_, i, j: sc + slopes[h_] * (j - i))
-        return out, (qc, kc, vc)
+    def flash2(query, key, value):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(query, key, value)
 
     stacks = {
-        "flash SDPA, causal, no ALiBi": lambda: sdpa(q, k, v),
+        "SDPA, causal, no ALiBi": lambda: sdpa(q, k, v),
+        "FlashAttention-2, no ALiBi": lambda: flash2(q, k, v),
         "SDPA + dense ALiBi bias": lambda: sdpa(q, k, v, bias_bf16),
         "ALiBiAttention (flex)": lambda: attention(q, k, v, None),
-        "ALiBiAttention (SDPA path)": lambda: sdpa_path(q, k, v),
+        "ALiBiAttention (bias path)": lambda: sdpa_path(q, k, v),
     }
 
-    def sdpa_path(query, key, value):  # the path taken with dropout, masks, on the CPU
+    def sdpa_path(query, key, value):  # the path fp32, padding masks and decode take
         attention.fused = False
         try:
             return attention(query, key, value, None)
@@ -112,40 +108,29 @@ def main(argv=None) -> int:
             attention.fused = None
 
     def step(forward):
-        out = forward()
-        if isinstance(out, tuple):  # raw flex: its own inputs, [b, h, s, d]
-            torch.autograd.grad(out[0], out[1], grad.view(s, b, h, d).permute(1, 2, 0, 3))
-        else:
-            torch.autograd.grad(out, (q, k, v), grad)
-
-    stacks["flex_attention alone ([b,h,s,d])"] = raw_flex
-    for block_m, block_n in opts.flex_blocks:
-        options = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        stacks[f"  same, BLOCK_M {block_m} BLOCK_N {block_n}"] = (
-            lambda options=options: raw_flex(options))
+        torch.autograd.grad(forward(), (q, k, v), grad)
 
     print(f"batch {b}, {h} heads, seq {s}, head dim {d}, bf16, {torch.cuda.get_device_name()}; "
           f"forward + backward, median of {opts.steps}")
     results = {}
     for name, forward in stacks.items():
         results[name] = timed(lambda: step(forward), opts.steps, opts.warmup)
-        print(f"  {name:<30} {results[name]:7.3f} ms", flush=True)
-    floor = results["flash SDPA, causal, no ALiBi"]
-    print(f"  ALiBiAttention / plain flash: {results['ALiBiAttention (flex)'] / floor:.2f}x; "
-          f"dense bias / plain flash: {results['SDPA + dense ALiBi bias'] / floor:.2f}x")
+        print(f"  {name:<28} {results[name]:7.3f} ms", flush=True)
+    floor = results["SDPA, causal, no ALiBi"]
+    print("  / plain SDPA: " + ", ".join(
+        f"{name} {results[name] / floor:.2f}x" for name in list(results)[1:]))
 
     # Exactness: each bf16 ALiBi path against the same attention in fp32 (dense bias).
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     reference = sdpa(q32, k32, v32, dense_bias(torch.float32))
     reference_grads = torch.autograd.grad(reference, (q32, k32, v32), grad.float())
     print("  distance from fp32 (max abs: output, dq, dk, dv):")
-    for name in ("SDPA + dense ALiBi bias", "ALiBiAttention (flex)",
-                 "ALiBiAttention (SDPA path)"):
+    for name in list(stacks)[2:]:
         out = stacks[name]()
         grads = torch.autograd.grad(out, (q, k, v), grad)
         diffs = [(out.float() - reference).abs().max().item()] + [
             (g.float() - r).abs().max().item() for g, r in zip(grads, reference_grads)]
-        print(f"  {name:<30} " + ", ".join(f"{x:.2e}" for x in diffs))
+        print(f"  {name:<28} " + ", ".join(f"{x:.2e}" for x in diffs))
     return 0
 
 
