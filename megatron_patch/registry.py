@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from megatron_patch.families.base import Family
 from megatron_patch.families.bloom import BLOOM
+from megatron_patch.families.chatglm import CHATGLM
 from megatron_patch.families.falcon import FALCON
 from megatron_patch.families.galactica import GALACTICA
 from megatron_patch.families.llama import LLAMA
 
 FAMILIES: dict[str, Family] = {family.name: family
-                               for family in (LLAMA, BLOOM, FALCON, GALACTICA)}
+                               for family in (LLAMA, BLOOM, FALCON, GALACTICA, CHATGLM)}
 
 # The seed's six families; those not registered yet are refused with this note.
-PLANNED = ("chatglm", "glm130b")
+PLANNED = ("glm130b",)
 
 
 def get_family(name: str) -> Family:

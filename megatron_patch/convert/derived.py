@@ -65,6 +65,21 @@ class RotaryInvFreq:
         return ", ".join(fields[:-1]) + " and " + fields[-1]
 
 
+@dataclass(frozen=True)
+class ChatGLMInvFreq:
+    """The remote-code ChatGLM2/3 and GLM-4 ``transformer.rotary_pos_emb.inv_freq``:
+    ``1 / 10000 ** (2i / n)`` over the rotating part of the head (``n`` = kv_channels x
+    rotary_percent), in float32. Its ``__init__`` uses 10000 whatever ``rope_ratio`` is (the
+    ratio scales the base in ``forward_impl``, which recomputes the angles)."""
+
+    def expected(self, args) -> torch.Tensor:
+        dim = int(args.kv_channels * args.rotary_percent)
+        return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    def config_fields(self, args) -> str:
+        return f"kv_channels {args.kv_channels}"
+
+
 def _llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
                    high_freq_factor: float, original_max_position_embeddings: int):
     """transformers' ``_compute_llama3_parameters`` (modeling_rope_utils.py), step for step."""

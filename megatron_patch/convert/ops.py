@@ -80,6 +80,26 @@ class FuseQKV:
         return [t.reshape(-1, *rest).clone() for t in (q, k, v)]
 
 
+class SplitQKV:
+    """One fused projection stored contiguously, ``[Q (nh x d) | K (ng x d) | V (ng x d)]``
+    (ChatGLM2/3 and GLM-4's remote-code ``query_key_value``) -> megatron-core's grouped
+    ``linear_qkv`` (see FuseQKV), and back."""
+
+    def to_megatron(self, tensors, dims):
+        (tensor,) = tensors
+        d = dims.kv_channels
+        sizes = [dims.num_attention_heads * d, dims.num_query_groups * d,
+                 dims.num_query_groups * d]
+        if tensor.shape[0] != sum(sizes):
+            raise ValueError(f"query_key_value has {tensor.shape[0]} rows, expected "
+                             f"{' + '.join(map(str, sizes))} (query, key, value heads x "
+                             f"kv_channels)")
+        return FuseQKV().to_megatron(torch.split(tensor, sizes, dim=0), dims)
+
+    def to_hf(self, tensor, dims):
+        return [torch.cat(FuseQKV().to_hf(tensor, dims), dim=0)]
+
+
 class PadVocab:
     """Embedding / output rows: HF has the true vocabulary, Megatron pads it with zero rows to
     ``padded_vocab_size`` (make-vocab-size-divisible-by x TP, plus --extra-vocab-size)."""

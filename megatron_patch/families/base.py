@@ -35,10 +35,15 @@ class ModelArgs:
     add_qkv_bias: bool = False             # a bias on the QKV projection only
     position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
     rotary_percent: float = 1.0            # fraction of the head dim that rotates
+    rotary_interleaved: bool = False       # rotate pairs (x0, x1), (x2, x3).. (GLM-4), not halves
     position_embedding_offset: int = 0     # learned positions start at this row (OPT: 2)
     embedding_norm: bool = False           # a LayerNorm right after the word embeddings
     parallel_attention: bool = False       # attention and MLP read the same input (falcon)
     parallel_attention_norms: int = 1      # with parallel attention: 1 shared or 2 input norms
+    post_sublayer_norms: bool = False      # a norm on attention's and the MLP's outputs (GLM-4-0414)
+    # The HF naming this model was read in and is written back in, for a family with several
+    # (chatglm: "glm", "glm4", "chatglm2"); "" for a family with one.
+    checkpoint_layout: str = ""
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -128,6 +133,9 @@ class Family:
     read_extra: Callable[[dict, str], dict] = field(default=lambda cfg, path: {})
     write_extra: Callable[["ModelArgs"], dict] = field(default=lambda args: {})
     layer_spec: Optional[Callable] = None  # (ModelArgs, TransformerConfig) -> ModuleSpec
+    # Replaces the config.json writer below for a layout the field table does not spell
+    # (chatglm's remote-code ChatGLM2 config): ModelArgs -> dict, or None for the default.
+    write_config: Callable[["ModelArgs"], Optional[dict]] = field(default=lambda args: None)
 
     def args_from_hf(self, hf_config: dict, path: str = "config.json") -> ModelArgs:
         """HF config.json dict -> ModelArgs (raises ValueError naming the file and field)."""
@@ -137,6 +145,9 @@ class Family:
 
     def hf_config_from_args(self, args: ModelArgs) -> dict:
         """ModelArgs -> a config.json dict that transformers loads as this family."""
+        written = self.write_config(args)
+        if written is not None:
+            return written
         config = {"architectures": [self.hf_architecture], "model_type": self.hf_model_types[0]}
         config.update(self.hf_fixed)
         config.update({f.hf: getattr(args, f.megatron) for f in self.config_fields})

@@ -44,6 +44,7 @@ def transformer_config(family: Family, args: ModelArgs, *, tensor_parallel: int 
         activation_func=_ACTIVATIONS[args.activation],
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
+        rotary_interleaved=args.rotary_interleaved,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         hidden_dropout=0.0,
@@ -86,6 +87,12 @@ def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
         spec.module = ParallelAttentionMLPLayer
         if args.parallel_attention_norms == 1:
             spec.submodules.pre_mlp_layernorm = IdentityOp
+    if args.post_sublayer_norms:  # differs from llama: sublayer outputs are normalised too
+        if args.parallel_attention:
+            raise ValueError("post_sublayer_norms with parallel attention is not supported")
+        from megatron_patch.layers.sandwich_norm_layer import SandwichNormLayer
+
+        spec.module = SandwichNormLayer
     if attention not in ("sdpa", "local"):
         raise ValueError(f"unknown attention backend '{attention}' (sdpa or local)")
     if args.position_embedding_type == "alibi":
