@@ -31,3 +31,14 @@ if ! (cd /tmp && "$PY" -W ignore -c "$check" "$root" "${extra_mods[@]}") >/dev/n
   echo "[install] installing megatron_patch and its requirements: pip install -e '$target'"
   "$PY" -m pip install -q -e "$target"
 fi
+
+# The GLM tests' reference, SwissArmyTransformer, pinned and without its dependencies (they pull
+# deepspeed and more; its model code needs only these): ../shared/notes/glm_references.md.
+if [[ ",$extras," == *",test,"* ]]; then
+  sat_version=$(cd /tmp && "$PY" -c "import importlib.metadata as m; print(m.version('swissarmytransformer'))" 2>/dev/null || true)
+  if [[ "$sat_version" != "0.4.12" ]]; then
+    echo "[install] installing the GLM reference: pip install --no-deps swissarmytransformer==0.4.12 (+ requests, einops)"
+    "$PY" -m pip install -q requests einops
+    "$PY" -m pip install -q --no-deps "swissarmytransformer==0.4.12"
+  fi
+fi

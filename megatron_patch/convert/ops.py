@@ -100,6 +100,31 @@ class SplitQKV:
         return [torch.cat(FuseQKV().to_hf(tensor, dims), dim=0)]
 
 
+class SwapRotaryQuarters:
+    """Per-head ``[q k v]`` rows (ChatGLM-6B's ``query_key_value``, megatron-core's grouped
+    layout when every head is its own group) with the middle two quarters of each query and key
+    head swapped: GLM's 2-D rotary pairs become megatron-core's rotate-half pairs
+    (layers/glm_positions.py). The swap is its own inverse."""
+
+    @staticmethod
+    def _swap(tensor, dims):
+        heads, d = dims.num_attention_heads, dims.kv_channels
+        rest = tensor.shape[1:]
+        view = tensor.reshape(heads, 3, 4, d // 4, *rest).clone()
+        view[:, :2, 1], view[:, :2, 2] = view[:, :2, 2].clone(), view[:, :2, 1].clone()
+        return view.reshape(tensor.shape)
+
+    def to_megatron(self, tensors, dims):
+        (tensor,) = tensors
+        if dims.num_query_groups != dims.num_attention_heads or dims.kv_channels % 4:
+            raise ValueError("2-D rotary needs one key/value head per query head and a head "
+                             "dim divisible by 4")
+        return self._swap(tensor, dims)
+
+    def to_hf(self, tensor, dims):
+        return [self._swap(tensor, dims)]
+
+
 class PadVocab:
     """Embedding / output rows: HF has the true vocabulary, Megatron pads it with zero rows to
     ``padded_vocab_size`` (make-vocab-size-divisible-by x TP, plus --extra-vocab-size)."""

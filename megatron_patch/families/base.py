@@ -33,7 +33,7 @@ class ModelArgs:
     gated_linear_unit: bool = True         # [gate; up] first MLP matrix (SwiGLU / GeGLU)
     add_bias_linear: bool = False          # a bias on every linear layer
     add_qkv_bias: bool = False             # a bias on the QKV projection only
-    position_embedding_type: str = "rope"  # rope | learned_absolute | alibi | none
+    position_embedding_type: str = "rope"  # rope | rope_2d (ChatGLM-6B) | learned_absolute | alibi | none
     rotary_percent: float = 1.0            # fraction of the head dim that rotates
     rotary_interleaved: bool = False       # rotate pairs (x0, x1), (x2, x3).. (GLM-4), not halves
     position_embedding_offset: int = 0     # learned positions start at this row (OPT: 2)
@@ -41,6 +41,10 @@ class ModelArgs:
     parallel_attention: bool = False       # attention and MLP read the same input (falcon)
     parallel_attention_norms: int = 1      # with parallel attention: 1 shared or 2 input norms
     post_sublayer_norms: bool = False      # a norm on attention's and the MLP's outputs (GLM-4-0414)
+    deepnorm: bool = False                 # residual = sqrt(2 x layers) x normed input (GLM v1/130B)
+    # GLM's prefix-LM: {"sop", "gmask", "mask", "pad"} token ids (layers/glm_positions.py);
+    # None: a causal LM
+    prefix_lm_ids: Optional[dict] = None
     # The HF naming this model was read in and is written back in, for a family with several
     # (chatglm: "glm", "glm4", "chatglm2"); "" for a family with one.
     checkpoint_layout: str = ""

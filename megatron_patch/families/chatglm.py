@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from megatron_patch.convert.derived import ChatGLMInvFreq, Derived
 from megatron_patch.convert.mapping import Row
-from megatron_patch.convert.ops import Copy, FuseQKV, PadVocab, SplitQKV
+from megatron_patch.convert.ops import Copy, FuseQKV, PadVocab, SplitQKV, SwapRotaryQuarters
 from megatron_patch.convert.sharding import COLUMN, QKV, ROW, Split
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
 
@@ -39,8 +39,8 @@ CONFIG_FIELDS = (
     ConfigField("head_dim", "kv_channels", aliases=("kv_channels",),
                 default=lambda cfg: cfg["hidden_size"] // cfg["num_attention_heads"]),
     ConfigField("vocab_size", "vocab_size", aliases=("padded_vocab_size",)),
-    ConfigField("max_position_embeddings", "max_position_embeddings", aliases=("seq_length",),
-                default=8192),
+    ConfigField("max_position_embeddings", "max_position_embeddings",
+                aliases=("seq_length", "max_sequence_length"), default=8192),
     ConfigField("rms_norm_eps", "norm_epsilon", aliases=("layernorm_epsilon",), default=1e-5),
     ConfigField("attention_bias", "add_qkv_bias", aliases=("add_qkv_bias",), default=True),
     ConfigField("tie_word_embeddings", "tie_embeddings", default=False),
@@ -49,6 +49,13 @@ CONFIG_FIELDS = (
 _CHATGLM2 = dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32,
                  num_query_groups=2, kv_channels=128, vocab_size=65024, norm_epsilon=1e-5,
                  checkpoint_layout="chatglm2")
+# ChatGLM-6B (v1), after its 2023-04-06 vocabulary update: [MASK] 130000, [gMASK] 130001,
+# <sop> (bos) 130004, <eop> (eos) 130005, <pad> 3
+_V1_IDS = dict(sop=130004, gmask=130001, mask=130000, pad=3, eop=130005)
+_V1 = dict(checkpoint_layout="chatglm-v1", normalization="LayerNorm", activation="gelu_tanh",
+           gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
+           position_embedding_type="rope_2d", rotary_percent=1.0, rotary_interleaved=False,
+           deepnorm=True)
 _TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
              num_query_groups=2, kv_channels=16, vocab_size=512, max_position_embeddings=256)
 SIZES = {
@@ -58,16 +65,23 @@ SIZES = {
                      num_attention_heads=32, num_query_groups=2, kv_channels=128,
                      vocab_size=151552, max_position_embeddings=8192, norm_epsilon=1.5625e-07,
                      checkpoint_layout="glm"),
+    "chatglm-6b": dict(num_layers=28, hidden_size=4096, ffn_hidden_size=16384,
+                       num_attention_heads=32, vocab_size=130528, max_position_embeddings=2048,
+                       norm_epsilon=1e-5, **_V1),
     # Test rows, one per layout.
     "tiny": dict(checkpoint_layout="glm", **_TINY),
     "tiny-glm4": dict(checkpoint_layout="glm4", post_sublayer_norms=True, **_TINY),
     "tiny-chatglm2": dict(checkpoint_layout="chatglm2", **_TINY),
+    "tiny-v1": dict(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+                    vocab_size=512, max_position_embeddings=256,
+                    prefix_lm_ids=dict(sop=500, gmask=502, mask=501, pad=503, eop=499), **_V1),
 }
+SIZES["chatglm-6b"]["prefix_lm_ids"] = _V1_IDS
 for _alias, _size in (("6B", "chatglm2-6b"), ("9B", "glm-4-9b")):
     SIZES[_alias] = SIZES[_size]
 
 LAYOUTS = {"glm": ("glm", "GlmForCausalLM"), "glm4": ("glm4", "Glm4ForCausalLM"),
-           "chatglm2": ("chatglm", "ChatGLMModel")}
+           "chatglm2": ("chatglm", "ChatGLMModel"), "chatglm-v1": ("chatglm", "ChatGLMModel")}
 
 
 def _layout(hf_config: dict, path: str) -> str:
@@ -75,9 +89,7 @@ def _layout(hf_config: dict, path: str) -> str:
     if model_type in ("glm", "glm4"):
         return model_type
     if hf_config.get("position_encoding_2d") or "inner_hidden_size" in hf_config:
-        raise ValueError(f"{path}: this is ChatGLM-6B (v1: 2-D rotary positions, prefix-LM "
-                         f"mask); its conversion is not implemented yet (ChatGLM2/3 and GLM-4 "
-                         f"are)")
+        return "chatglm-v1"
     return "chatglm2"
 
 
@@ -92,6 +104,19 @@ def read_extra(hf_config: dict, path: str) -> dict:
     """The layout, its rotary fields, and refusals of what this table does not map."""
     layout = _layout(hf_config, path)
     values = dict(checkpoint_layout=layout, post_sublayer_norms=layout == "glm4")
+    if layout == "chatglm-v1":
+        if not hf_config.get("position_encoding_2d", True):
+            raise ValueError(f"{path}: ChatGLM-6B with position_encoding_2d false is not "
+                             f"supported (the release uses 2-D positions)")
+        ids = {}
+        for key, field in (("sop", "bos_token_id"), ("gmask", "gmask_token_id"),
+                           ("mask", "mask_token_id"), ("pad", "pad_token_id"),
+                           ("eop", "eos_token_id")):
+            if hf_config.get(field) is None:
+                raise ValueError(f"{path}: ChatGLM-6B config.json has no '{field}' (the "
+                                 f"prefix-LM mask and positions need it)")
+            ids[key] = int(hf_config[field])
+        return {**values, **_V1, "prefix_lm_ids": ids, "rotary_base": 10000.0}
     if layout == "chatglm2":
         _refuse(hf_config, path, dict(add_bias_linear=False, rmsnorm=True, original_rope=True,
                                       apply_residual_connection_post_layernorm=False,
@@ -124,8 +149,27 @@ def write_extra(args: ModelArgs) -> dict:
                 pad_token_id=None, eos_token_id=None, bos_token_id=None)
 
 
+def _write_v1_config(args: ModelArgs) -> dict:
+    """ChatGLM-6B's remote-code config.json."""
+    ids = args.prefix_lm_ids
+    return dict(
+        architectures=["ChatGLMModel"], model_type="chatglm",
+        auto_map={"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                  "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                  "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        num_layers=args.num_layers, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+        inner_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
+        max_sequence_length=args.max_position_embeddings, layernorm_epsilon=args.norm_epsilon,
+        position_encoding_2d=True, bos_token_id=ids["sop"], eos_token_id=ids["eop"],
+        mask_token_id=ids["mask"], gmask_token_id=ids["gmask"], pad_token_id=ids["pad"],
+        use_cache=True, pre_seq_len=None, prefix_projection=False, quantization_bit=0)
+
+
 def write_config(args: ModelArgs) -> dict | None:
-    """The remote-code ChatGLM2/3 / GLM-4 config.json (configuration_chatglm.py's fields)."""
+    """The remote-code config.json of ChatGLM-6B or ChatGLM2/3 / GLM-4
+    (configuration_chatglm.py's fields); None for transformers' glm / glm4."""
+    if args.checkpoint_layout == "chatglm-v1":
+        return _write_v1_config(args)
     if args.checkpoint_layout != "chatglm2":
         return None
     return dict(
@@ -170,8 +214,38 @@ def _chatglm2_weights(args: ModelArgs) -> list[Row]:
     return rows
 
 
+def _v1_weights(args: ModelArgs) -> list[Row]:
+    """ChatGLM-6B: biases everywhere, per-head [q k v] rows (megatron-core's grouped layout
+    with a group per head) with the 2-D rotary quarters swapped, LayerNorms with bias."""
+    hf, mg = "transformer.layers.{layer}.", "decoder.layers.{layer}."
+    both = ("weight", "bias")
+    rows = [
+        Row("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
+            PadVocab(), COLUMN, stage="first"),
+        *(Row(mg + f"input_layernorm.{p}", hf + f"input_layernorm.{p}") for p in both),
+        *(Row(mg + f"self_attention.linear_qkv.{p}", hf + f"attention.query_key_value.{p}",
+              SwapRotaryQuarters(), QKV) for p in both),
+        Row(mg + "self_attention.linear_proj.weight", hf + "attention.dense.weight", tp=ROW),
+        Row(mg + "self_attention.linear_proj.bias", hf + "attention.dense.bias"),
+        *(Row(mg + f"pre_mlp_layernorm.{p}", hf + f"post_attention_layernorm.{p}")
+          for p in both),
+        *(Row(mg + f"mlp.linear_fc1.{p}", hf + f"mlp.dense_h_to_4h.{p}", tp=COLUMN)
+          for p in both),
+        Row(mg + "mlp.linear_fc2.weight", hf + "mlp.dense_4h_to_h.weight", tp=ROW),
+        Row(mg + "mlp.linear_fc2.bias", hf + "mlp.dense_4h_to_h.bias"),
+        *(Row(f"decoder.final_layernorm.{p}", f"transformer.final_layernorm.{p}", stage="last")
+          for p in both),
+    ]
+    if not args.tie_embeddings:
+        rows.append(Row("output_layer.weight", "lm_head.weight", PadVocab(), COLUMN,
+                        stage="last"))
+    return rows
+
+
 def weights(args: ModelArgs) -> list[Row]:
     """HF GlmForCausalLM / Glm4ForCausalLM / remote-code ChatGLM <-> megatron-core GPTModel."""
+    if args.checkpoint_layout == "chatglm-v1":
+        return _v1_weights(args)
     if args.checkpoint_layout == "chatglm2":
         return _chatglm2_weights(args)
     hf, mg = "model.layers.{layer}.", "decoder.layers.{layer}."

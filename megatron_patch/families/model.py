@@ -15,7 +15,7 @@ _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu,
                 "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 # ModelArgs.position_embedding_type -> GPTModel's (ALiBi lives in core attention instead)
 _GPT_POSITIONS = {"rope": "rope", "learned_absolute": "learned_absolute", "alibi": "none",
-                  "none": "none"}
+                  "none": "none", "rope_2d": "none"}  # rope_2d: Rotary2DGPTModel's own angles
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,6 +87,12 @@ def layer_spec(family: Family, args: ModelArgs, config, attention: str = "sdpa")
         spec.module = ParallelAttentionMLPLayer
         if args.parallel_attention_norms == 1:
             spec.submodules.pre_mlp_layernorm = IdentityOp
+    if args.deepnorm:  # differs from llama: the residual is the scaled normalised input
+        if args.parallel_attention or args.post_sublayer_norms:
+            raise ValueError("deepnorm with parallel attention or sublayer norms is not supported")
+        from megatron_patch.layers.deepnorm_layer import DeepNormLayer
+
+        spec.module = DeepNormLayer
     if args.post_sublayer_norms:  # differs from llama: sublayer outputs are normalised too
         if args.parallel_attention:
             raise ValueError("post_sublayer_norms with parallel attention is not supported")
@@ -135,7 +141,10 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
     from megatron_patch.layers.padded_vocab import mask_padded_logits
 
     factor = args.rope_scaling_factor
-    model = GPTModel(
+    model_class = GPTModel
+    if args.position_embedding_type == "rope_2d":
+        from megatron_patch.layers.glm_positions import Rotary2DGPTModel as model_class
+    model = model_class(
         config=config,
         transformer_layer_spec=block_spec(family, args, config, attention),
         vocab_size=padded_vocab_size,

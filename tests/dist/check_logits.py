@@ -2,7 +2,10 @@
 logits with HF transformers' on the original HF checkpoint. Prints max_abs_diff per rank that
 holds logits; exits 1 when it exceeds --tolerance. With --loss it compares the language-model
 loss instead: megatron-core's vocab-parallel cross-entropy (labels given to the model) against
-HF's own ``model(ids, labels=ids).loss``, printing loss_abs_diff."""
+HF's own ``model(ids, labels=ids).loss``, printing loss_abs_diff. With --reference FILE (a
+``torch.save``d {"ids", "logits"}: SwissArmyTransformer's, tests/sat_reference.py) the logits
+are compared with those; a prefix-LM (GLM) model gets its mask and positions from
+megatron_patch's own builder (layers/glm_positions.py)."""
 import argparse
 import sys
 
@@ -29,12 +32,21 @@ def megatron_logits(mg_path, tp, pp, ids, attention, labels=None):
     load_model_weights(model, mg_path, ps.get_tensor_model_parallel_rank(), tp, stage, pp, bundle)
     model.eval()
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    mask = None
+    if args.prefix_lm_ids:
+        from megatron_patch.layers.glm_positions import prefix_lm_inputs
+
+        special = args.prefix_lm_ids
+        mask, positions = prefix_lm_inputs(ids, special["sop"], (special["gmask"],
+                                                                 special["mask"]),
+                                           special["pad"],
+                                           args.position_embedding_type == "rope_2d")
     with torch.no_grad():
         if not first:
             hidden = torch.empty(ids.shape[1], ids.shape[0], args.hidden_size)
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
-        out = model(ids, positions, None, labels=labels,
+        out = model(ids, positions, mask, labels=labels,
                     runtime_gather_output=None if labels is not None else True)
         if not last:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
@@ -42,9 +54,17 @@ def megatron_logits(mg_path, tp, pp, ids, attention, labels=None):
     return (out if labels is not None else out[..., : args.vocab_size]), args
 
 
-def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False):
+def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False, reference=None):
     """(line printed, max difference) on a rank that holds the output, else None. Needs
     compat.initialize_parallel(tp, pp) first."""
+    if reference is not None:
+        saved = torch.load(reference)
+        out, _ = megatron_logits(mg_path, tp, pp, saved["ids"], attention)
+        if out is None:
+            return None
+        valid = saved.get("valid", torch.ones(saved["ids"].shape, dtype=torch.bool))
+        diff = (out - saved["logits"]).abs()[valid].max().item()
+        return f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", diff
     torch.manual_seed(0)
     ids = torch.randint(0, 200, (2, 25 if loss else 24))
     inputs, labels = (ids[:, :-1], ids[:, 1:]) if loss else (ids, None)
@@ -65,7 +85,8 @@ def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hf", required=True)
+    parser.add_argument("--hf")
+    parser.add_argument("--reference", help="saved {ids, logits} instead of an HF model")
     parser.add_argument("--mg", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -74,7 +95,8 @@ def main():
     parser.add_argument("--loss", action="store_true", help="compare the loss, not the logits")
     opts = parser.parse_args()
     compat.initialize_parallel(opts.tp, opts.pp)
-    result = compare(opts.hf, opts.mg, opts.tp, opts.pp, opts.attention, opts.loss)
+    result = compare(opts.hf, opts.mg, opts.tp, opts.pp, opts.attention, opts.loss,
+                     opts.reference)
     code = 0
     if result is not None:
         print(result[0], flush=True)

@@ -1,0 +1,143 @@
+"""ChatGLM-6B (v1) against SwissArmyTransformer 0.4.12's ChatGLMModel (transformers has no v1
+model; tests/sat_reference.py runs SAT in its own process): the prefix-LM mask and 2-D
+positions equal SAT's own builders, logits equal SAT's at TP1 and TP2 x PP2, and HF -> Megatron
+(TP2 x PP2) -> HF is bit-identical with the same config.json. The tiny checkpoint is written
+here under the HF chatglm-6b names (../shared/notes/glm_references.md §3.1), random weights."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import REPO, run_python, run_torchrun
+from megatron_patch.convert import engine
+from megatron_patch.layers.glm_positions import prefix_lm_inputs, rotary_2d
+
+LAYERS, HIDDEN, HEADS, INNER, VOCAB = 2, 64, 4, 256, 130
+SOP, EOP, MASK, GMASK, PAD = 125, 126, 127, 128, 129  # as a v1 config.json names them
+BATCHES = {
+    # [gMASK] prompts, the second left-padded; tokens after <sop> are the "generated" part
+    "gmask": [[5, 7, 9, 11, 13, GMASK, SOP, 21, 22, 23], [PAD, PAD, PAD, 4, 8, GMASK, SOP, 3, 2, 1]],
+    # [MASK] in the middle of the prompt (blank infilling)
+    "mask": [[5, 6, MASK, 8, 9, 10, SOP, 30, 31, 32], [3, MASK, 4, 5, 6, 7, SOP, 40, 41, 42]],
+}
+
+
+def write_v1(out: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+
+    def normal(*shape, std=0.1):
+        return torch.randn(*shape) * std
+
+    state = {"transformer.word_embeddings.weight": normal(VOCAB, HIDDEN, std=1.0),
+             "lm_head.weight": normal(VOCAB, HIDDEN),
+             "transformer.final_layernorm.weight": 1 + normal(HIDDEN),
+             "transformer.final_layernorm.bias": normal(HIDDEN)}
+    for layer in range(LAYERS):
+        prefix = f"transformer.layers.{layer}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[prefix + norm + ".weight"] = 1 + normal(HIDDEN)
+            state[prefix + norm + ".bias"] = normal(HIDDEN)
+        for name, rows, cols, std in (("attention.query_key_value", 3 * HIDDEN, HIDDEN, 0.4),
+                                      ("attention.dense", HIDDEN, HIDDEN, 0.1),
+                                      ("mlp.dense_h_to_4h", INNER, HIDDEN, 0.1),
+                                      ("mlp.dense_4h_to_h", HIDDEN, INNER, 0.1)):
+            state[prefix + name + ".weight"] = normal(rows, cols, std=std)
+            state[prefix + name + ".bias"] = normal(rows)
+    os.makedirs(out)
+    save_file(state, os.path.join(out, "model.safetensors"))
+    config = dict(architectures=["ChatGLMModel"], model_type="chatglm", num_layers=LAYERS,
+                  vocab_size=VOCAB, hidden_size=HIDDEN, inner_hidden_size=INNER,
+                  num_attention_heads=HEADS, max_sequence_length=256, layernorm_epsilon=1e-5,
+                  position_encoding_2d=True, bos_token_id=SOP, eos_token_id=EOP,
+                  mask_token_id=MASK, gmask_token_id=GMASK, pad_token_id=PAD)
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatglm-v1")
+    hf = write_v1(str(root / "hf"))
+    engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
+    engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(2, 2),
+                                  progress=False)
+    references = {}
+    for name, ids in BATCHES.items():
+        torch.save(torch.tensor(ids), root / f"{name}-ids.pt")
+        run_python([os.path.join(REPO, "tests", "sat_reference.py"), "chatglm", hf,
+                    str(root / f"{name}-ids.pt"), str(root / f"{name}-sat.pt")])
+        references[name] = str(root / f"{name}-sat.pt")
+    return root, hf, references
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_mask_and_2d_positions_equal_sats_builders(v1, batch):
+    saved = torch.load(v1[2][batch])
+    mask, positions = prefix_lm_inputs(saved["ids"], SOP, (GMASK, MASK), PAD, two_d=True)
+    assert torch.equal(positions, saved["position_ids"])
+    assert torch.equal(~mask, saved["allowed"])
+
+
+def test_rotary_2d_on_swapped_quarters_is_glms_two_rotations():
+    """megatron-core's rotate-half rotary with :func:`rotary_2d`'s angles, on a head whose
+    middle quarters are swapped, = GLM's two rotate-half rotations of the halves (written out
+    here as SAT's apply_rotary_pos_emb_index computes them), unswapped after."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    torch.manual_seed(0)
+    seq, batch, heads, dim = 7, 2, 3, 16
+    x = torch.randn(seq, batch, heads, dim, dtype=torch.float64)
+    positions = torch.stack([torch.randint(0, 9, (batch, seq)), torch.randint(0, 9, (batch, seq))],
+                            dim=1)
+
+    def rotate(half, ids):  # rotate-half over one half (dim / 2), base 10000
+        inv = 1.0 / (10000 ** (torch.arange(0, dim // 2, 2, dtype=torch.float64) / (dim // 2)))
+        angles = ids.T.double()[..., None] * inv  # [s, b, dim / 4]
+        emb = torch.cat([angles, angles], -1)[:, :, None]
+        a, b = half.chunk(2, -1)
+        return half * emb.cos() + torch.cat([-b, a], -1) * emb.sin()
+
+    first, second = x.chunk(2, -1)
+    expected = torch.cat([rotate(first, positions[:, 0]), rotate(second, positions[:, 1])], -1)
+    quarters = list(x.chunk(4, -1))
+    swapped = torch.cat([quarters[0], quarters[2], quarters[1], quarters[3]], -1)
+    got = _apply_rotary_pos_emb_bshd(swapped, rotary_2d(positions, dim).double())
+    q = list(got.chunk(4, -1))
+    # the angles are float32, as the model's are
+    torch.testing.assert_close(torch.cat([q[0], q[2], q[1], q[3]], -1), expected, rtol=0,
+                               atol=1e-5)
+    assert (got - swapped).abs().max() > 0.1  # it rotates
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_logits_equal_sat_at_tp1(v1, batch):
+    from dist import check_logits
+    from megatron_patch import compat
+
+    compat.initialize_parallel(1, 1)
+    try:
+        _, diff = check_logits.compare(None, str(v1[0] / "tp1"), 1, 1,
+                                       reference=v1[2][batch])
+    finally:
+        compat.destroy_parallel()
+    assert diff <= 1e-5
+
+
+def test_logits_equal_sat_at_tp2_pp2(v1):
+    args = ["tests/dist/check_logits.py", "--mg", str(v1[0] / "wide"), "--reference",
+            v1[2]["gmask"], "--tp", "2", "--pp", "2", "--tolerance", "1e-5"]
+    proc = run_torchrun(args, nproc=4)  # exits 1 past the tolerance
+    assert proc.stdout.count("max_abs_diff=") == 2
+
+
+def test_round_trip_is_bit_identical(v1, tmp_path):
+    root, hf, _ = v1
+    engine.convert_megatron_to_hf(str(root / "wide"), str(tmp_path / "back"), progress=False)
+    original = load_file(os.path.join(hf, "model.safetensors"))
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    assert json.load(open(tmp_path / "back" / "config.json")) == json.load(
+        open(os.path.join(hf, "config.json")))
