@@ -6,21 +6,19 @@ from megatron_patch.families.bloom import BLOOM
 from megatron_patch.families.chatglm import CHATGLM
 from megatron_patch.families.falcon import FALCON
 from megatron_patch.families.galactica import GALACTICA
+from megatron_patch.families.glm130b import GLM130B
 from megatron_patch.families.llama import LLAMA
 
 FAMILIES: dict[str, Family] = {family.name: family
-                               for family in (LLAMA, BLOOM, FALCON, GALACTICA, CHATGLM)}
-
-# The seed's six families; those not registered yet are refused with this note.
-PLANNED = ("glm130b",)
+                               for family in (LLAMA, BLOOM, FALCON, GALACTICA, CHATGLM,
+                                                GLM130B)}
 
 
 def get_family(name: str) -> Family:
     """Family by its name (``--model-family``)."""
     if name in FAMILIES:
         return FAMILIES[name]
-    hint = f" ('{name}' is planned but not implemented yet)" if name in PLANNED else ""
-    raise ValueError(f"unknown model family '{name}'{hint}; available: {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown model family '{name}'; available: {', '.join(FAMILIES)}")
 
 
 def family_for_model_type(model_type: str) -> Family:

@@ -125,13 +125,3 @@ def test_wrong_inv_freq_and_qkv_rows_are_errors_naming_the_tensor(models, tmp_pa
         else:
             assert "query_key_value" in str(error.value) and "64 + 32 + 32" in str(error.value)
         assert not os.path.exists(tmp_path / f"{case}-out" / "megatron_patch.json")
-
-
-def test_chatglm_v1_is_refused_until_implemented(tmp_path):
-    from megatron_patch.registry import get_family
-
-    with pytest.raises(ValueError, match="ChatGLM-6B .v1"):
-        get_family("chatglm").args_from_hf(
-            {"model_type": "chatglm", "position_encoding_2d": True, "num_layers": 2,
-             "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100,
-             "inner_hidden_size": 256}, "chatglm-6b/config.json")

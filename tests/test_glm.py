@@ -1,8 +1,9 @@
-"""ChatGLM-6B (v1) against SwissArmyTransformer 0.4.12's ChatGLMModel (transformers has no v1
-model; tests/sat_reference.py runs SAT in its own process): the prefix-LM mask and 2-D
-positions equal SAT's own builders, logits equal SAT's at TP1 and TP2 x PP2, and HF -> Megatron
-(TP2 x PP2) -> HF is bit-identical with the same config.json. The tiny checkpoint is written
-here under the HF chatglm-6b names (../shared/notes/glm_references.md §3.1), random weights."""
+"""ChatGLM-6B (v1) and GLM-130B against SwissArmyTransformer 0.4.12's ChatGLMModel and GLM130B
+(transformers has neither; tests/sat_reference.py runs SAT in its own process): the prefix-LM
+mask and 2-D positions equal SAT's own builders, logits equal SAT's at TP1 and TP2 x PP2, and
+HF -> Megatron (TP2 x PP2) -> HF is bit-identical with the same config.json. The tiny
+checkpoints are written here under the HF chatglm-6b names and SAT's GLM-130B names
+(../shared/notes/glm_references.md §3.1, §3.2), random weights."""
 import json
 import os
 
@@ -24,16 +25,18 @@ BATCHES = {
 }
 
 
-def write_v1(out: str, seed: int = 0) -> str:
+def glm_state(inner_rows: int, inner: int, lm_head: bool, seed: int = 0) -> dict:
+    """Random weights under the names ChatGLM-6B and GLM-130B share (``transformer.*``)."""
     torch.manual_seed(seed)
 
     def normal(*shape, std=0.1):
         return torch.randn(*shape) * std
 
-    state = {"transformer.word_embeddings.weight": normal(VOCAB, HIDDEN, std=1.0),
-             "lm_head.weight": normal(VOCAB, HIDDEN),
+    state = {"transformer.word_embeddings.weight": normal(VOCAB, HIDDEN, std=0.5),
              "transformer.final_layernorm.weight": 1 + normal(HIDDEN),
              "transformer.final_layernorm.bias": normal(HIDDEN)}
+    if lm_head:
+        state["lm_head.weight"] = normal(VOCAB, HIDDEN)
     for layer in range(LAYERS):
         prefix = f"transformer.layers.{layer}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -41,12 +44,16 @@ def write_v1(out: str, seed: int = 0) -> str:
             state[prefix + norm + ".bias"] = normal(HIDDEN)
         for name, rows, cols, std in (("attention.query_key_value", 3 * HIDDEN, HIDDEN, 0.4),
                                       ("attention.dense", HIDDEN, HIDDEN, 0.1),
-                                      ("mlp.dense_h_to_4h", INNER, HIDDEN, 0.1),
-                                      ("mlp.dense_4h_to_h", HIDDEN, INNER, 0.1)):
+                                      ("mlp.dense_h_to_4h", inner_rows, HIDDEN, 0.1),
+                                      ("mlp.dense_4h_to_h", HIDDEN, inner, 0.1)):
             state[prefix + name + ".weight"] = normal(rows, cols, std=std)
             state[prefix + name + ".bias"] = normal(rows)
+    return state
+
+
+def write_v1(out: str) -> str:
     os.makedirs(out)
-    save_file(state, os.path.join(out, "model.safetensors"))
+    save_file(glm_state(INNER, INNER, lm_head=True), os.path.join(out, "model.safetensors"))
     config = dict(architectures=["ChatGLMModel"], model_type="chatglm", num_layers=LAYERS,
                   vocab_size=VOCAB, hidden_size=HIDDEN, inner_hidden_size=INNER,
                   num_attention_heads=HEADS, max_sequence_length=256, layernorm_epsilon=1e-5,
@@ -132,12 +139,87 @@ def test_logits_equal_sat_at_tp2_pp2(v1):
     assert proc.stdout.count("max_abs_diff=") == 2
 
 
-def test_round_trip_is_bit_identical(v1, tmp_path):
-    root, hf, _ = v1
+GLU_INNER = 96  # GLM-130B's dense_h_to_4h has 2 x inner rows: [x1; x2], x1 * gelu(x2)
+
+
+def write_glm130b(out: str) -> str:
+    """SAT's GLM130B names (tied output, no lm_head) and the release's per-layer inv_freq."""
+    state = glm_state(2 * GLU_INNER, GLU_INNER, lm_head=False, seed=1)
+    dim = HIDDEN // HEADS
+    for layer in range(LAYERS):
+        state[f"transformer.layers.{layer}.attention.rotary_emb.inv_freq"] = 1.0 / (
+            10000 ** (torch.arange(0, dim, 2).float() / dim))
+    os.makedirs(out)
+    save_file(state, os.path.join(out, "model.safetensors"))
+    config = dict(model_type="glm130b", num_layers=LAYERS, hidden_size=HIDDEN,
+                  inner_hidden_size=GLU_INNER, num_attention_heads=HEADS, vocab_size=VOCAB,
+                  max_sequence_length=256, layernorm_epsilon=1e-5, sop_token_id=SOP,
+                  eop_token_id=EOP, mask_token_id=MASK, gmask_token_id=GMASK)
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def glm130b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glm130b")
+    hf = write_glm130b(str(root / "hf"))
+    engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
+    engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(2, 2),
+                                  progress=False)
+    ids = [[5, 7, 9, 11, 13, GMASK, SOP, 21, 22, 23], [3, 4, 8, 2, GMASK, SOP, 3, 2, 1, 9]]
+    torch.save(torch.tensor(ids), root / "ids.pt")
+    run_python([os.path.join(REPO, "tests", "sat_reference.py"), "glm130b", hf,
+                str(root / "ids.pt"), str(root / "sat.pt")])
+    return root, hf, str(root / "sat.pt")
+
+
+def test_glm130b_mask_equals_generate_pys(glm130b):
+    saved = torch.load(glm130b[2])
+    mask, positions = prefix_lm_inputs(saved["ids"], SOP, (GMASK, MASK), None, two_d=False)
+    assert torch.equal(~mask, saved["allowed"]) and torch.equal(positions, saved["position_ids"])
+
+
+def test_glm130b_logits_equal_sat_at_tp1_and_tp2_pp2(glm130b):
+    from dist import check_logits
+    from megatron_patch import compat
+
+    root, _, reference = glm130b
+    compat.initialize_parallel(1, 1)
+    try:
+        _, diff = check_logits.compare(None, str(root / "tp1"), 1, 1, reference=reference)
+    finally:
+        compat.destroy_parallel()
+    # fp32; the tied output's logits reach ~20, so 1e-6 relative is ~2e-5
+    assert diff <= 3e-5
+    proc = run_torchrun(["tests/dist/check_logits.py", "--mg", str(root / "wide"),
+                         "--reference", reference, "--tp", "2", "--pp", "2",
+                         "--tolerance", "3e-5"], nproc=4)
+    assert proc.stdout.count("max_abs_diff=") == 2
+
+
+@pytest.mark.parametrize("model", ["v1", "glm130b"])
+def test_round_trip_is_bit_identical(model, request, tmp_path):
+    root, hf, _ = request.getfixturevalue(model)
     engine.convert_megatron_to_hf(str(root / "wide"), str(tmp_path / "back"), progress=False)
-    original = load_file(os.path.join(hf, "model.safetensors"))
+    original = {k: v for k, v in load_file(os.path.join(hf, "model.safetensors")).items()
+                if not k.endswith("inv_freq")}  # checked against the config, not carried
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in original)
     assert json.load(open(tmp_path / "back" / "config.json")) == json.load(
         open(os.path.join(hf, "config.json")))
+
+
+def test_training_and_generation_refuse_prefix_lm_models_for_now(v1, tmp_path):
+    """Until GLM's prefix-LM training and generation exist, they say so (not a causal run)."""
+    root = v1[0]
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    for args in (["-m", "megatron_patch.pretrain", "--load", str(root / "tp1"), "--mock-data",
+                  "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", "16",
+                  "--train-iters", "1", "--lr", "1e-4"],
+                 ["-m", "megatron_patch.generate", "--load", str(root / "tp1"), "--input-file",
+                  str(tmp_path / "prompts.txt"), "--output-file", str(tmp_path / "out.jsonl")]):
+        proc = run_python(args, check=False)
+        assert proc.returncode != 0
+        assert "prefix-LM models (ChatGLM-6B v1, GLM-130B) is not implemented yet" in (
+            proc.stdout + proc.stderr)

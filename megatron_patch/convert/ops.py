@@ -125,6 +125,24 @@ class SwapRotaryQuarters:
         return [self._swap(tensor, dims)]
 
 
+class SwapHalves:
+    """A GLU matrix whose halves are the other way round: GLM-130B's ``[x1; x2]`` computing
+    ``x1 * gelu(x2)`` <-> megatron-core's ``[gate; up]`` computing ``gelu(gate) * up``. Its own
+    inverse."""
+
+    @staticmethod
+    def _swap(tensor):
+        first, second = torch.chunk(tensor, 2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+    def to_megatron(self, tensors, dims):
+        (tensor,) = tensors
+        return self._swap(tensor)
+
+    def to_hf(self, tensor, dims):
+        return [self._swap(tensor)]
+
+
 class PadVocab:
     """Embedding / output rows: HF has the true vocabulary, Megatron pads it with zero rows to
     ``padded_vocab_size`` (make-vocab-size-divisible-by x TP, plus --extra-vocab-size)."""

@@ -58,6 +58,14 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def refuse_prefix_lm(self, stage: str) -> None:
+        """Training and generation of GLM's prefix-LM models are not built yet: say so rather
+        than run them as causal models."""
+        if self.prefix_lm_ids:
+            raise ValueError(f"{stage} of GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) is not "
+                             f"implemented yet; their conversion is (ChatGLM2/3 and GLM-4 "
+                             f"train and generate)")
+
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -26,6 +26,7 @@ from megatron_patch.convert.mapping import Row
 from megatron_patch.convert.ops import Copy, FuseQKV, PadVocab, SplitQKV, SwapRotaryQuarters
 from megatron_patch.convert.sharding import COLUMN, QKV, ROW, Split
 from megatron_patch.families.base import ConfigField, Family, ModelArgs
+from megatron_patch.families.glm_rows import glm_rows
 
 # glm's names first (written back for glm / glm4); the remote-code config's as aliases.
 CONFIG_FIELDS = (
@@ -217,25 +218,7 @@ def _chatglm2_weights(args: ModelArgs) -> list[Row]:
 def _v1_weights(args: ModelArgs) -> list[Row]:
     """ChatGLM-6B: biases everywhere, per-head [q k v] rows (megatron-core's grouped layout
     with a group per head) with the 2-D rotary quarters swapped, LayerNorms with bias."""
-    hf, mg = "transformer.layers.{layer}.", "decoder.layers.{layer}."
-    both = ("weight", "bias")
-    rows = [
-        Row("embedding.word_embeddings.weight", "transformer.word_embeddings.weight",
-            PadVocab(), COLUMN, stage="first"),
-        *(Row(mg + f"input_layernorm.{p}", hf + f"input_layernorm.{p}") for p in both),
-        *(Row(mg + f"self_attention.linear_qkv.{p}", hf + f"attention.query_key_value.{p}",
-              SwapRotaryQuarters(), QKV) for p in both),
-        Row(mg + "self_attention.linear_proj.weight", hf + "attention.dense.weight", tp=ROW),
-        Row(mg + "self_attention.linear_proj.bias", hf + "attention.dense.bias"),
-        *(Row(mg + f"pre_mlp_layernorm.{p}", hf + f"post_attention_layernorm.{p}")
-          for p in both),
-        *(Row(mg + f"mlp.linear_fc1.{p}", hf + f"mlp.dense_h_to_4h.{p}", tp=COLUMN)
-          for p in both),
-        Row(mg + "mlp.linear_fc2.weight", hf + "mlp.dense_4h_to_h.weight", tp=ROW),
-        Row(mg + "mlp.linear_fc2.bias", hf + "mlp.dense_4h_to_h.bias"),
-        *(Row(f"decoder.final_layernorm.{p}", f"transformer.final_layernorm.{p}", stage="last")
-          for p in both),
-    ]
+    rows = glm_rows(SwapRotaryQuarters(), Copy(), COLUMN)
     if not args.tie_embeddings:
         rows.append(Row("output_layer.weight", "lm_head.weight", PadVocab(), COLUMN,
                         stage="last"))

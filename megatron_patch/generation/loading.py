@@ -31,7 +31,9 @@ def open_checkpoint(load: str) -> Checkpoint:
     from megatron_patch.convert.engine import open_megatron
 
     try:
-        return Checkpoint(load, *open_megatron(load))
+        checkpoint = Checkpoint(load, *open_megatron(load))
+        checkpoint.args.refuse_prefix_lm("generation")
+        return checkpoint
     except CheckpointError as err:
         raise CheckpointError(f"--load: {err}") from None
 
