@@ -223,3 +223,82 @@ def test_training_and_generation_refuse_prefix_lm_models_for_now(v1, tmp_path):
         assert proc.returncode != 0
         assert "prefix-LM models (ChatGLM-6B v1, GLM-130B) is not implemented yet" in (
             proc.stdout + proc.stderr)
+
+
+def sat_shards(state: dict, parts: int) -> list[dict]:
+    """GLM-130B's tools/convert_tp.py rules, written out here: norms and the row-parallel
+    biases whole on every rank, attention.dense / dense_4h_to_h weights cut along dim 1, GLU
+    dense_h_to_4h as [x1_r; x2_r] per rank, the rest along dim 0."""
+    whole = ("layernorm.weight", "layernorm.bias", "attention.dense.bias",
+             "dense_4h_to_h.bias", "inv_freq")
+    shards = [{} for _ in range(parts)]
+    for name, tensor in state.items():
+        for rank in range(parts):
+            if name.endswith(whole):
+                piece = tensor
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                piece = tensor.chunk(parts, 1)[rank]
+            elif "dense_h_to_4h" in name:
+                x1, x2 = tensor.chunk(2, 0)
+                piece = torch.cat([x1.chunk(parts, 0)[rank], x2.chunk(parts, 0)[rank]])
+            else:
+                piece = tensor.chunk(parts, 0)[rank]
+            shards[rank][name] = piece.clone()
+    return shards
+
+
+def test_sat_checkpoint_mp2_to_megatron_and_back_is_bit_identical(glm130b, tmp_path):
+    """A SAT checkpoint at MP2 (latest + 1/mp_rank_0X_model_states.pt + config.json) ->
+    Megatron TP1: SAT's logits; -> SAT MP2 again: the same rank files, tensor for tensor."""
+    import shutil
+
+    from dist import check_logits
+    from megatron_patch import compat
+
+    root, hf, reference = glm130b
+    sat = tmp_path / "sat"
+    os.makedirs(sat / "1")
+    (sat / "latest").write_text("1\n")
+    shutil.copy(os.path.join(hf, "config.json"), sat / "config.json")
+    shards = sat_shards(load_file(os.path.join(hf, "model.safetensors")), 2)
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard}, sat / "1" / f"mp_rank_{rank:02d}_model_states.pt")
+    engine.convert_hf_to_megatron(str(sat), str(tmp_path / "mg"), progress=False)
+    compat.initialize_parallel(1, 1)
+    try:
+        _, diff = check_logits.compare(None, str(tmp_path / "mg"), 1, 1, reference=reference)
+    finally:
+        compat.destroy_parallel()
+    assert diff <= 3e-5
+    proc = run_python(["-m", "megatron_patch.convert", "--megatron-to-hf", "--load",
+                       str(tmp_path / "mg"), "--save", str(tmp_path / "back"),
+                       "--sat-model-parallel-size", "2", "--no-progress"])
+    assert "-> sat (mp 2)" in proc.stdout
+    assert (tmp_path / "back" / "latest").read_text().strip() == "1"
+    for rank, shard in enumerate(shards):
+        back = torch.load(tmp_path / "back" / "1" / f"mp_rank_{rank:02d}_model_states.pt")
+        expected = {k: v for k, v in shard.items() if not k.endswith("inv_freq")}
+        assert sorted(back["module"]) == sorted(expected)
+        assert all(torch.equal(back["module"][k], expected[k]) for k in expected)
+    assert json.load(open(tmp_path / "back" / "config.json")) == json.load(
+        open(sat / "config.json"))
+
+
+def test_sat_checkpoint_errors_name_the_file(glm130b, tmp_path):
+    root, hf, _ = glm130b
+    sat = tmp_path / "sat"
+    os.makedirs(sat / "1")
+    (sat / "latest").write_text("1\n")
+    with pytest.raises(ValueError, match="without config.json: write one beside 'latest'"):
+        engine.convert_hf_to_megatron(str(sat), str(tmp_path / "a"), progress=False)
+    shutil_config = json.load(open(os.path.join(hf, "config.json")))
+    json.dump(shutil_config, open(sat / "config.json", "w"))
+    with pytest.raises(ValueError, match="expected mp_rank_00_model_states.pt"):
+        engine.convert_hf_to_megatron(str(sat), str(tmp_path / "b"), progress=False)
+    shards = sat_shards(load_file(os.path.join(hf, "model.safetensors")), 2)
+    shards[1]["transformer.final_layernorm.weight"] += 1  # replicated, yet different
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard}, sat / "1" / f"mp_rank_{rank:02d}_model_states.pt")
+    with pytest.raises(ValueError, match="final_layernorm.weight' differs between mp_rank_00"):
+        engine.convert_hf_to_megatron(str(sat), str(tmp_path / "c"), progress=False)
+    assert not any((tmp_path / d / "megatron_patch.json").exists() for d in "abc")

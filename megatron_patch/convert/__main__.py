@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: --tokenizer-path's, or N+1 for Megatron-LM's "
                             "NullTokenizer --vocab-size N")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    parser.add_argument("--sat-model-parallel-size", type=int, metavar="N", default=None,
+                        help="with --megatron-to-hf: write SwissArmyTransformer's checkpoint "
+                             "(GLM-130B's release format: latest, <iter>/mp_rank_XX_model_"
+                             "states.pt and config.json) at N model-parallel ranks instead of "
+                             "safetensors (glm130b). A SAT --load is read as such when it has "
+                             "a 'latest' file and a config.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -128,8 +134,11 @@ def _convert(args, report) -> tuple[tuple[str, str], dict]:
     _check_flags(args, from_hf)
     if args.megatron_to_hf:
         meta = engine.convert_megatron_to_hf(args.load, args.save, vocabulary=vocabulary,
+                                             sat_model_parallel=args.sat_model_parallel_size,
                                              **common)
-        return (f"megatron ({report.source_layout})", "hf"), meta
+        target_name = (f"sat (mp {args.sat_model_parallel_size})"
+                       if args.sat_model_parallel_size else "hf")
+        return (f"megatron ({report.source_layout})", target_name), meta
     if from_hf:
         meta = engine.convert_hf_to_megatron(args.load, args.save, target=target, **common)
         return ("hf", f"megatron ({engine.layout_of(meta)})"), meta
@@ -148,6 +157,10 @@ def _check_flags(args, from_hf: bool) -> None:
     if from_hf and given:
         raise ValueError(f"{given[0]} is for Megatron checkpoints without metadata; an HF "
                          f"--load has its own vocabulary (config.json vocab_size)")
+    if args.sat_model_parallel_size is not None and (not args.megatron_to_hf
+                                                      or args.sat_model_parallel_size < 1):
+        raise ValueError("--sat-model-parallel-size N (N >= 1) writes a SAT checkpoint: it "
+                         "goes with --megatron-to-hf (a SAT --load is recognised by itself)")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ValueError(f"--vocab-size must be at least 1, got {args.vocab_size}")
 

@@ -12,6 +12,7 @@ unmap_large_allocations_on_free`); ``toolkits/benchmarks/bench_convert.py`` meas
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -20,6 +21,7 @@ from megatron_patch.convert import naming
 from megatron_patch.convert.checkpoint_args import Vocabulary, count_tokenizer, metadata_from_args
 from megatron_patch.convert.derived import mismatch
 from megatron_patch.convert.hf_io import HFReader, HFWriter, copy_side_files, read_hf_config
+from megatron_patch.convert.sat_io import SATReader, is_sat_checkpoint, write_sat
 from megatron_patch.convert.io_utils import CheckpointError, TensorSpill, atomic_directory
 from megatron_patch.convert.mapping import LAYER, Binding, bind_stage
 from megatron_patch.convert.ops import Dims
@@ -232,7 +234,7 @@ def convert_hf_to_megatron(load: str, save: str, family_name: str | None = None,
     family = resolve_hf_family(hf_config, load, family_name)
     args = family.args_from_hf(hf_config, os.path.join(load, "config.json"))
     args.validate_parallel(target.tensor_parallel, target.pipeline_parallel, "--target-")
-    hf = HFReader(load)
+    hf = SATReader(load) if is_sat_checkpoint(load) else HFReader(load)
     _check_derived_buffers(hf, family, args, report)
     with atomic_directory(save, overwrite) as root:
         has_tokenizer = copy_side_files(load, os.path.join(root, TOKENIZER_DIR))
@@ -388,10 +390,13 @@ def _consume_tied_output(reader, args) -> None:
 def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
                            progress: bool = True, overwrite: bool = False,
                            report: Report | None = None,
-                           vocabulary: Vocabulary = Vocabulary()) -> dict:
+                           vocabulary: Vocabulary = Vocabulary(),
+                           sat_model_parallel: int | None = None) -> dict:
     """Megatron checkpoint (any TP/PP, ours or Megatron-LM's: see :func:`open_megatron`) -> HF
     directory that transformers loads. The HF vocabulary keeps the extra rows that the
-    checkpoint's tokenizer has tokens for (:mod:`.vocab_rows`)."""
+    checkpoint's tokenizer has tokens for (:mod:`.vocab_rows`). ``sat_model_parallel``: write
+    SwissArmyTransformer's checkpoint at that many model-parallel ranks instead
+    (:mod:`.sat_io`; GLM-130B's release format)."""
     report = report or Report()
     reader, family, args, meta = open_megatron(load, family_name, vocabulary, report)
     report.source_layout = layout_of(meta)
@@ -400,6 +405,10 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
     fetch = megatron_full_fetcher(reader, args, meta, meta["padded_vocab_size"])
     # Every row once, with global names: the HF side has no pipeline stages.
     bindings = bind_stage(family.weights(hf_args), range(args.num_layers), True, True)
+    if sat_model_parallel:
+        _write_sat(save, overwrite, sat_model_parallel, bindings, fetch, dims, progress,
+                   report, reader, args, family, hf_args, meta, load)
+        return meta
     with atomic_directory(save, overwrite) as out, \
             _progress(len(bindings), "writing hf", progress) as bar:
         writer = HFWriter(out)
@@ -413,6 +422,37 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
         _check_all_consumed(reader.unconsumed(), load)
         writer.finish(hf_config_for(family, hf_args, meta), tokenizer_dir(reader.root, meta))
     return meta
+
+
+def _write_sat(save, overwrite, parts, bindings, fetch, dims, progress, report, reader, args,
+               family, hf_args, meta, load) -> None:
+    """The SAT side of :func:`convert_megatron_to_hf`: one pass over the source per rank."""
+    if hf_args.num_attention_heads % parts or hf_args.ffn_hidden_size % parts:
+        raise ValueError(f"--sat-model-parallel-size {parts} does not divide the "
+                         f"{hf_args.num_attention_heads} heads and ffn size "
+                         f"{hf_args.ffn_hidden_size}")
+
+    def tensors():
+        for binding in bindings:
+            yield from zip(binding.hf, binding.row.op.to_hf(fetch(binding), dims))
+
+    with atomic_directory(save, overwrite) as out, \
+            _progress(parts, "writing sat ranks", progress) as bar:
+        def counted():
+            for item in tensors():
+                report.tensors_written += 1
+                yield item
+            bar.update(1)
+        write_sat(out, counted, parts)
+        report.tensors_written //= parts  # each whole tensor once, as elsewhere
+        report.tensors_read = len(reader.consumed)
+        _consume_tied_output(reader, args)
+        _check_all_consumed(reader.unconsumed(), load)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(hf_config_for(family, hf_args, meta), handle, indent=2, sort_keys=True)
+        side = tokenizer_dir(reader.root, meta)
+        if side:
+            copy_side_files(side, out)
 
 
 def tokenizer_dir(root: str, meta: dict) -> str | None:

@@ -29,9 +29,20 @@ def read_hf_config(path: str) -> dict:
     require_dir(path, "HF checkpoint")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
+        if os.path.isfile(os.path.join(path, "latest")):
+            raise CheckpointError(
+                f"{path}: a SwissArmyTransformer checkpoint ('latest') without config.json: "
+                f"write one beside 'latest' with the model's shape (GLM-130B's: "
+                f"{json.dumps(_glm130b_release_config())})")
         raise CheckpointError(f"{path}: no config.json; an HF checkpoint directory holds "
                               f"config.json and *.safetensors")
     return read_json(config_path)
+
+
+def _glm130b_release_config() -> dict:
+    from megatron_patch.families.glm130b import GLM130B
+
+    return GLM130B.hf_config_from_args(GLM130B.args_for_size("130B"))
 
 
 def read_safetensors_header(path: str) -> tuple[int, dict]:
