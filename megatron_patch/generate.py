@@ -79,9 +79,18 @@ def run(opts) -> None:
     if prompts.skipped_empty:
         log(f"[generate] skipped {prompts.skipped_empty} empty lines of {prompts.path}")
     log(f"[generate] prompt format {prompt_format} ({source})")
-    ids = tokenize_prompts(tokenizer, prompts, limit, prompt_format)
+    special = checkpoint.args.prefix_lm_ids
+    ids = tokenize_prompts(tokenizer, prompts, limit - 2 if special else limit, prompt_format)
+    eos = tokenizer.eod
+    if special:  # GLM: prompts end "[gMASK] <sop>" as its tokenizers end them; stop at <eop>
+        from megatron_patch.layers.glm_positions import prompt_ids
+
+        ids = [prompt_ids(row, special) for row in ids]
+        eos = special["eop"]
+        log(f"[generate] GLM prefix-LM: prompts end with [gMASK] ({special['gmask']}) <sop> "
+            f"({special['sop']}); stopping at <eop> ({eos})")
     pad = tokenizer.pad if tokenizer.pad is not None else 0
-    limits = Limits(opts.max_new_tokens, tokenizer.eod, pad, checkpoint.args.vocab_size,
+    limits = Limits(opts.max_new_tokens, eos, pad, checkpoint.args.vocab_size,
                     opts.output_logprobs)
     compat.initialize_parallel(opts.tensor_model_parallel_size, 1, seed=opts.seed)
     try:

@@ -85,59 +85,78 @@ def glm130b_model(config: dict):
     return glm.GLM130B(sat_args(config, fp16=False, position_encoding_2d=False, no_glu=False))
 
 
-def glm130b_logits(opts, config):
+def load(mode: str, directory: str):
+    """(SAT model in fp32 eval mode with the checkpoint's weights, config)."""
     from safetensors.torch import load_file
 
-    model = glm130b_model(config).float().eval()
-    state = load_file(os.path.join(opts.hf_dir, "model.safetensors"))
+    config = json.load(open(os.path.join(directory, "config.json")))
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    if mode == "glm130b":
+        model = glm130b_model(config)
+    else:
+        model = chatglm_model(config)
+        state = hf_v1_to_sat(state, config["num_attention_heads"])
+    model = model.float().eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("inv_freq")]
     unexpected = [k for k in unexpected if not k.endswith("inv_freq")]
     if missing or unexpected:
         raise RuntimeError(f"SAT state dict: missing {missing}, unexpected {unexpected}")
-    ids = torch.load(opts.ids)
+    return model, config
+
+
+def inputs(mode: str, model, config, ids: torch.Tensor):
+    """(attention mask as the model takes it, allowed [b, 1, s, s], position ids, valid [b, s]):
+    ChatGLMModel's own get_inputs; for GLM130B, GLM-130B generate.py's mask (bidirectional
+    before sop, True = masked) and positions 0, 1, 2, ..."""
+    if mode == "chatglm":
+        mask, positions = model.get_inputs(ids)
+        # left padding's logits are anyone's (SAT's fully masked rows average every value)
+        valid = torch.tensor([[i >= model.get_pad_length(row.tolist()) for i in range(len(row))]
+                              for row in ids])
+        return mask, mask.bool(), positions, valid
     seq = ids.shape[1]
-    masked = torch.ones(ids.shape[0], 1, seq, seq).tril()  # generate.py: 1 = attend first
+    attend = torch.ones(ids.shape[0], 1, seq, seq).tril()
     for row, tokens in enumerate(ids.tolist()):
-        context = tokens.index(config["sop_token_id"])  # ends with sop
-        masked[row, :, :, :context] = 1
-    masked = masked < 0.5  # True = masked
-    positions = torch.arange(seq).expand(ids.shape[0], seq)
+        attend[row, :, :, :tokens.index(config["sop_token_id"])] = 1
+    masked = attend < 0.5
+    return masked, ~masked, torch.arange(seq).expand(ids.shape[0], seq), torch.ones(
+        ids.shape, dtype=torch.bool)
+
+
+def forward(mode, model, config, ids):
+    mask, allowed, positions, valid = inputs(mode, model, config, ids)
     with torch.no_grad():
-        logits = model(input_ids=ids, position_ids=positions, attention_mask=masked)[0]
-    torch.save({"ids": ids, "logits": logits, "allowed": ~masked, "position_ids": positions},
-               opts.out)
-    return 0
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions)[0]
+    return logits, allowed, positions, valid
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["chatglm", "glm130b"])
     parser.add_argument("hf_dir")
-    parser.add_argument("ids")
+    parser.add_argument("ids", help="a saved [b, s] id tensor; with --greedy, a saved list of "
+                                    "prompts (id lists)")
     parser.add_argument("out")
+    parser.add_argument("--greedy", type=int, metavar="N", default=0,
+                        help="save each prompt's N greedy tokens (SAT's full forward every "
+                             "step, one prompt at a time, no cache)")
     opts = parser.parse_args(argv)
     require_sat()
-    from safetensors.torch import load_file
-
-    config = json.load(open(os.path.join(opts.hf_dir, "config.json")))
-    if opts.mode == "glm130b":
-        return glm130b_logits(opts, config)
-    model = chatglm_model(config).float().eval()
-    state = hf_v1_to_sat(load_file(os.path.join(opts.hf_dir, "model.safetensors")),
-                         config["num_attention_heads"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"SAT state dict: missing {missing}, unexpected {unexpected}")
+    model, config = load(opts.mode, opts.hf_dir)
+    if opts.greedy:
+        completions = []
+        for prompt in torch.load(opts.ids):
+            ids = torch.tensor([prompt])
+            for _ in range(opts.greedy):
+                logits = forward(opts.mode, model, config, ids)[0]
+                ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+            completions.append(ids[0, len(prompt):].tolist())
+        torch.save(completions, opts.out)
+        return 0
     ids = torch.load(opts.ids)
-    mask, positions = model.get_inputs(ids)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions)[0]
-    # left padding's logits are anyone's (SAT's fully masked rows average every value)
-    valid = torch.tensor([[i >= model.get_pad_length(row.tolist()) for i in range(len(row))]
-                          for row in ids])
-    torch.save({"ids": ids, "logits": logits, "valid": valid, "allowed": mask.bool(),
+    logits, allowed, positions, valid = forward(opts.mode, model, config, ids)
+    torch.save({"ids": ids, "logits": logits, "valid": valid, "allowed": allowed,
                 "position_ids": positions}, opts.out)
     return 0
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, run_python, run_torchrun
+from helpers import REPO, run_python, run_torchrun, train_tiny_tokenizer
 from megatron_patch.convert import engine
 from megatron_patch.layers.glm_positions import prefix_lm_inputs, rotary_2d
 
-LAYERS, HIDDEN, HEADS, INNER, VOCAB = 2, 64, 4, 256, 130
-SOP, EOP, MASK, GMASK, PAD = 125, 126, 127, 128, 129  # as a v1 config.json names them
+LAYERS, HIDDEN, HEADS, INNER, VOCAB = 2, 64, 4, 256, 300
+SOP, EOP, MASK, GMASK, PAD = 295, 296, 297, 298, 299  # as a v1 config.json names them
 BATCHES = {
     # [gMASK] prompts, the second left-padded; tokens after <sop> are the "generated" part
     "gmask": [[5, 7, 9, 11, 13, GMASK, SOP, 21, 22, 23], [PAD, PAD, PAD, 4, 8, GMASK, SOP, 3, 2, 1]],
@@ -63,10 +63,21 @@ def write_v1(out: str) -> str:
     return out
 
 
+def add_tokenizer(hf: str, root) -> None:
+    """A tiny HF tokenizer (ids below the special tokens') beside the weights, so the
+    converted checkpoints carry it and generation reads text prompts."""
+    import shutil
+
+    tokenizer = train_tiny_tokenizer(str(root / "tokenizer"), vocab_size=280)
+    for name in os.listdir(tokenizer):
+        shutil.copy(os.path.join(tokenizer, name), hf)
+
+
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
     root = tmp_path_factory.mktemp("chatglm-v1")
     hf = write_v1(str(root / "hf"))
+    add_tokenizer(hf, root)
     engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
     engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(2, 2),
                                   progress=False)
@@ -163,6 +174,7 @@ def write_glm130b(out: str) -> str:
 def glm130b(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm130b")
     hf = write_glm130b(str(root / "hf"))
+    add_tokenizer(hf, root)
     engine.convert_hf_to_megatron(hf, str(root / "tp1"), progress=False)
     engine.convert_hf_to_megatron(hf, str(root / "wide"), target=engine.Target(2, 2),
                                   progress=False)
@@ -210,19 +222,59 @@ def test_round_trip_is_bit_identical(model, request, tmp_path):
         open(os.path.join(hf, "config.json")))
 
 
-def test_training_and_generation_refuse_prefix_lm_models_for_now(v1, tmp_path):
-    """Until GLM's prefix-LM training and generation exist, they say so (not a causal run)."""
-    root = v1[0]
+def test_training_refuses_prefix_lm_models_for_now(v1):
+    """Until GLM's prefix-LM training exists, it says so (not a causal run)."""
+    proc = run_python(["-m", "megatron_patch.pretrain", "--load", str(v1[0] / "tp1"),
+                       "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
+                       "--seq-length", "16", "--train-iters", "1", "--lr", "1e-4"], check=False)
+    assert proc.returncode != 0
+    assert "training of GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) is not implemented yet" \
+        in proc.stdout + proc.stderr
+
+
+PROMPTS = ["Return the number of", "import", "The module provides a way to read and write"]
+NEW_TOKENS = 6
+
+
+@pytest.mark.parametrize("model", ["v1", "glm130b"])
+def test_greedy_generation_equals_sats_greedy_loop(model, request, tmp_path):
+    """Text prompts (left-padded together: different lengths) end with [gMASK] <sop>; the
+    prompt attends both ways in the prefill, v1's generated tokens keep the mask position and
+    count up the block position. Ours: the static KV cache at TP1 and TP2, and the uncached
+    backend; SAT's: its full forward every step, each prompt alone."""
+    from megatron_patch.generation.loading import load_tokenizer, open_checkpoint
+    from megatron_patch.layers.glm_positions import prompt_ids
+
+    root, hf, _ = request.getfixturevalue(model)
+    checkpoint = open_checkpoint(str(root / "tp1"))
+    tokenizer = load_tokenizer(checkpoint, None, None)
+    prompts = [prompt_ids(tokenizer.tokenize(p), checkpoint.args.prefix_lm_ids) for p in PROMPTS]
+    assert all(p[-2:] == [GMASK, SOP] for p in prompts)
+    torch.save(prompts, tmp_path / "prompts.pt")
+    run_python([os.path.join(REPO, "tests", "sat_reference.py"),
+                "chatglm" if model == "v1" else "glm130b", hf, str(tmp_path / "prompts.pt"),
+                str(tmp_path / "sat.pt"), "--greedy", str(NEW_TOKENS)])
+    expected = [row[:row.index(EOP) + 1] if EOP in row else row
+                for row in torch.load(tmp_path / "sat.pt")]
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(PROMPTS) + "\n")
+    for mg, tp, backend in ((root / "tp1", 1, "static"), (root / "tp1", 1, "uncached"),
+                            (root / "wide", 2, "static")):
+        out = tmp_path / f"tp{tp}-{backend}.jsonl"
+        args = ["-m", "megatron_patch.generate", "--load", str(mg), "--input-file", str(source),
+                "--output-file", str(out), "--top-k", "1", "--max-new-tokens", str(NEW_TOKENS),
+                "--tensor-model-parallel-size", str(tp), "--inference-backend", backend]
+        run_torchrun(args, nproc=tp) if tp > 1 else run_python(args)
+        assert [json.loads(line)["completion_ids"] for line in open(out)] == expected, (
+            tp, backend)
+
+
+def test_mcore_backend_refuses_prefix_lm(v1, tmp_path):
     (tmp_path / "prompts.txt").write_text("hello\n")
-    for args in (["-m", "megatron_patch.pretrain", "--load", str(root / "tp1"), "--mock-data",
-                  "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", "16",
-                  "--train-iters", "1", "--lr", "1e-4"],
-                 ["-m", "megatron_patch.generate", "--load", str(root / "tp1"), "--input-file",
-                  str(tmp_path / "prompts.txt"), "--output-file", str(tmp_path / "out.jsonl")]):
-        proc = run_python(args, check=False)
-        assert proc.returncode != 0
-        assert "prefix-LM models (ChatGLM-6B v1, GLM-130B) is not implemented yet" in (
-            proc.stdout + proc.stderr)
+    proc = run_python(["-m", "megatron_patch.generate", "--load", str(v1[0] / "tp1"),
+                       "--input-file", str(tmp_path / "prompts.txt"), "--output-file",
+                       str(tmp_path / "out.jsonl"), "--inference-backend", "mcore"], check=False)
+    assert proc.returncode == 1 and "megatron-core's KV cache masks causally" in proc.stderr
 
 
 def sat_shards(state: dict, parts: int) -> list[dict]:

@@ -158,6 +158,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         rope_scaling=factor is not None,
         rope_scaling_factor=factor or 8.0,
     )
+    model.prefix_lm_ids = args.prefix_lm_ids  # GLM: generation builds its masks from them
     if pre_process and args.embedding_norm:
         embedding_extras.add_embedding_norm(model.embedding, config, args.norm_epsilon)
     if pre_process and args.position_embedding_offset:

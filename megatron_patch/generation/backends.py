@@ -56,8 +56,15 @@ class UncachedBackend(Backend):
         return self._forward()
 
     def _forward(self):
-        logits = self.model(self.tokens, positions_of(self.valid), causal_padding_mask(self.valid),
-                            runtime_gather_output=True)
+        ids = getattr(self.model, "prefix_lm_ids", None)
+        if ids:  # GLM: the whole sequence's prefix-LM mask and positions, every step
+            from megatron_patch.layers.glm_positions import Rotary2DGPTModel, generation_inputs
+
+            mask, positions = generation_inputs(self.tokens, self.valid, ids,
+                                                isinstance(self.model, Rotary2DGPTModel))
+        else:
+            mask, positions = causal_padding_mask(self.valid), positions_of(self.valid)
+        logits = self.model(self.tokens, positions, mask, runtime_gather_output=True)
         return logits[:, -1]
 
 

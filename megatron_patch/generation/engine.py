@@ -60,7 +60,15 @@ def build_backend(name: str, model, max_length: int, decode_kernels: str = "auto
     from megatron_patch.layers.alibi_attention import ALiBiAttention
 
     device = next(model.parameters()).device
+    prefix_lm = getattr(model, "prefix_lm_ids", None)
+    if prefix_lm and name == "auto":  # megatron-core's cache builds causal masks only
+        name = "graph" if device.type == "cuda" and model.config.tensor_model_parallel_size == 1 \
+            else "static"
     name = backend_name(name, device, model.config.tensor_model_parallel_size)
+    if prefix_lm and name == "mcore":
+        raise ValueError("--inference-backend mcore: megatron-core's KV cache masks causally; "
+                         "GLM's prefix-LM (the prompt attends both ways) runs on static (any "
+                         "device), graph (a GPU) or uncached")
     alibi = isinstance(model.decoder.layers[0].self_attention.core_attention, ALiBiAttention)
     if decode_kernels_module.resolve(decode_kernels, device, name, model.config.kv_channels,
                                      alibi):

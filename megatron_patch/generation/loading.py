@@ -31,9 +31,7 @@ def open_checkpoint(load: str) -> Checkpoint:
     from megatron_patch.convert.engine import open_megatron
 
     try:
-        checkpoint = Checkpoint(load, *open_megatron(load))
-        checkpoint.args.refuse_prefix_lm("generation")
-        return checkpoint
+        return Checkpoint(load, *open_megatron(load))
     except CheckpointError as err:
         raise CheckpointError(f"--load: {err}") from None
 

@@ -24,6 +24,7 @@ import torch
 from megatron_patch.generation import decode_kernels
 from megatron_patch.generation.backends import Backend
 from megatron_patch.generation.batching import causal_padding_mask, decode_mask, positions_of
+from megatron_patch.layers.glm_positions import Rotary2DGPTModel, generation_inputs, rotary_2d
 
 
 class CacheHolder:
@@ -128,15 +129,15 @@ class DecodeState:
 
     tokens: torch.Tensor      # [b, 1] this step's input token of each row
     slot: torch.Tensor        # [1] cache slot this step writes (shared by all rows)
-    positions: torch.Tensor   # [b, 1] rotary position of each row's token
+    positions: torch.Tensor   # [b, 1] rotary position of each row's token ([b, 2, 1]: GLM's 2-D)
     key_valid: torch.Tensor   # [b, max_length] slots holding real tokens
 
     @classmethod
-    def empty(cls, batch: int, max_length: int, device) -> "DecodeState":
+    def empty(cls, batch: int, max_length: int, device, two_d: bool = False) -> "DecodeState":
         """Zeroed state for ``batch`` rows (``StaticBackend.start`` fills it)."""
         long = dict(dtype=torch.long, device=device)
-        return cls(torch.zeros(batch, 1, **long), torch.zeros(1, **long),
-                   torch.zeros(batch, 1, **long),
+        positions = torch.zeros(batch, 2, 1, **long) if two_d else torch.zeros(batch, 1, **long)
+        return cls(torch.zeros(batch, 1, **long), torch.zeros(1, **long), positions,
                    torch.zeros(batch, max_length, dtype=torch.bool, device=device))
 
 
@@ -156,6 +157,13 @@ class StaticBackend(Backend):
         if getattr(model, "rotary_pos_emb", None) is not None:
             table = model.rotary_pos_emb(max_length)  # [max_length, 1, 1, dim], fp32
             self.rope_table = table.reshape(max_length, table.size(-1))
+        # GLM's prefix-LM: the prompt (through <sop>) attends both ways in the prefill; decode
+        # steps are causal. ChatGLM-6B's 2-D positions: a generated token keeps the mask
+        # position and counts up the block position.
+        self.prefix_lm = getattr(model, "prefix_lm_ids", None)
+        self.two_d = isinstance(model, Rotary2DGPTModel)
+        self.position_step = (torch.tensor([[0], [1]], device=next(model.parameters()).device)
+                              if self.two_d else 1)
         self.state: DecodeState | None = None
         self.allocation = -1
         self.next_slot = 0
@@ -169,12 +177,15 @@ class StaticBackend(Backend):
         state.key_valid.zero_()
         state.key_valid[:, :width] = valid
         state.slot.fill_(width)
-        state.positions.copy_(positions_of(valid)[:, -1:] + 1)
+        if self.prefix_lm:
+            mask, positions = generation_inputs(tokens, valid, self.prefix_lm, self.two_d)
+        else:
+            mask, positions = causal_padding_mask(valid), positions_of(valid)
+        state.positions.copy_(positions[..., -1:] + self.position_step)
         self.next_slot = width
         slots = torch.arange(width, device=tokens.device)
         with self.cache_active():
-            return self._forward(tokens, positions_of(valid), slots, width,
-                                 causal_padding_mask(valid))
+            return self._forward(tokens, positions, slots, width, mask)
 
     def step(self, tokens):
         self._check_room(self.next_slot + 1)
@@ -202,7 +213,7 @@ class StaticBackend(Backend):
         logits = self._forward(state.tokens, state.positions, state.slot, window,
                                decode_mask(state.key_valid, window), self.run_layer)
         state.slot.add_(1)
-        state.positions.add_(1)
+        state.positions.add_(self.position_step)
         return logits
 
     @contextlib.contextmanager
@@ -225,9 +236,12 @@ class StaticBackend(Backend):
             return
         allocate_static_cache(self.model, self.holder, batch, self.max_length)
         self.allocation = self.holder.allocation
-        self.state = DecodeState.empty(batch, self.max_length, device)
+        self.state = DecodeState.empty(batch, self.max_length, device, self.two_d)
 
     def _forward(self, tokens, positions, slots, window, mask, run_layer=None):
         self.holder.slots, self.holder.window = slots, window
-        rope = None if self.rope_table is None else self.rope_table[positions.t()].unsqueeze(2)
+        if self.two_d:
+            rope = rotary_2d(positions, self.model.config.kv_channels)
+        else:
+            rope = None if self.rope_table is None else self.rope_table[positions.t()].unsqueeze(2)
         return forward_with_rope(self.model, tokens, positions, rope, mask, run_layer)

@@ -25,10 +25,11 @@ from megatron.core.models.gpt import GPTModel
 
 
 def prefix_lm_inputs(tokens: torch.Tensor, sop_id: int, mask_ids: tuple, pad_id: int | None,
-                     two_d: bool):
+                     two_d: bool, valid: torch.Tensor | None = None):
     """tokens [b, s] -> (attention_mask [b, 1, s, s] bool, True = masked; position_ids
     [b, 2, s] when ``two_d``, else [b, s]). ``mask_ids``: ([gMASK], [MASK]) ids, in the order
-    a row's mask position is looked for."""
+    a row's mask position is looked for. Left padding: the leading ``pad_id`` tokens, or
+    where ``valid`` [b, s] is False (generation's left-padded batches)."""
     batch, seq = tokens.shape
     device = tokens.device
     index = torch.arange(seq, device=device)
@@ -36,7 +37,9 @@ def prefix_lm_inputs(tokens: torch.Tensor, sop_id: int, mask_ids: tuple, pad_id:
     context = torch.where(is_sop.any(1), is_sop.int().argmax(1), torch.full_like(index[:1], seq)
                           .expand(batch))
     padding = torch.zeros(batch, dtype=torch.long, device=device)
-    if pad_id is not None:  # leading pad tokens
+    if valid is not None:
+        padding = (~valid).long().sum(1)
+    elif pad_id is not None:  # leading pad tokens
         padding = (torch.cumprod((tokens == pad_id).int(), dim=1)).sum(1)
     keys, queries = index[None, None, :], index[None, :, None]
     allowed = (keys <= queries) | (keys < context[:, None, None])
@@ -56,6 +59,25 @@ def prefix_lm_inputs(tokens: torch.Tensor, sop_id: int, mask_ids: tuple, pad_id:
     position = torch.where(generated, (first - padding)[:, None], position)
     block = torch.where(generated, index[None, :] - context[:, None] + 1, 0)
     return mask, torch.stack([position, block], dim=1)
+
+
+def generation_inputs(tokens: torch.Tensor, valid: torch.Tensor, ids: dict, two_d: bool):
+    """:func:`prefix_lm_inputs` for a left-padded generation batch, where a padding query
+    sees itself (a row with nothing visible makes softmax NaN, which the cached values would
+    carry to real tokens)."""
+    mask, positions = prefix_lm_inputs(tokens, ids["sop"], (ids["gmask"], ids["mask"]), None,
+                                       two_d, valid=valid)
+    itself = torch.eye(tokens.size(1), dtype=torch.bool, device=tokens.device)
+    return mask & ~(itself & ~valid[:, :, None])[:, None], positions
+
+
+def prompt_ids(ids: list[int], special: dict) -> list[int]:
+    """A prompt as GLM's tokenizers end it: ``... [gMASK] <sop>`` (kept if it already has a
+    mask token and ends with ``<sop>``)."""
+    has_mask = special["gmask"] in ids or special["mask"] in ids
+    if has_mask and ids and ids[-1] == special["sop"]:
+        return list(ids)
+    return list(ids) + ([] if has_mask else [special["gmask"]]) + [special["sop"]]
 
 
 def rotary_2d(position_ids: torch.Tensor, kv_channels: int, base: float = 10000.0):
