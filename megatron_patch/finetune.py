@@ -60,6 +60,7 @@ class SFTData:
 
     @staticmethod
     def build_datasets(args, plan):
+        plan.model_args.refuse_prefix_lm("SFT")
         if plan.tokenizer is None:
             raise ValueError("finetune needs a tokenizer: give --tokenizer-type/--tokenizer-model "
                              "or --load a checkpoint that carries one")

@@ -13,6 +13,8 @@ import sys
 class PretrainData:
     """megatron-core GPTDatasets (weighted blends of mmap prefixes, or --mock-data)."""
 
+    collate = None  # how samples become a micro-batch (GLM's: glm_pretrain_collate); set per run
+
     @staticmethod
     def add_arguments(parser):
         from megatron_patch.training.arguments import pretrain_data_arguments
@@ -21,9 +23,20 @@ class PretrainData:
 
     @staticmethod
     def build_datasets(args, plan):
-        from megatron_patch.training.data import build_pretrain_datasets
+        from megatron_patch.training.data import build_pretrain_datasets, glm_pretrain_collate
 
-        return build_pretrain_datasets(args, plan.tokenizer, plan.model_args.vocab_size)
+        model_args = plan.model_args
+        PretrainData.collate = None
+        if model_args.prefix_lm_ids:  # GLM: each sample starts [gMASK] <sop> (2 tokens)
+            if args.reset_attention_mask or args.reset_position_ids:
+                raise ValueError("--reset-attention-mask / --reset-position-ids: GLM's "
+                                 "prefix-LM samples have their own mask and positions")
+            PretrainData.collate = glm_pretrain_collate(model_args.prefix_lm_ids,
+                                                model_args.position_embedding_type == "rope_2d")
+            print(f"[data] GLM prefix-LM: each sample is [gMASK] <sop> + {args.seq_length - 2} "
+                  f"text tokens (loss on the text)", flush=True)
+            return build_pretrain_datasets(args, plan.tokenizer, model_args.vocab_size, 2)
+        return build_pretrain_datasets(args, plan.tokenizer, model_args.vocab_size)
 
     @staticmethod
     def make_iterators(args, datasets, consumed: int):
@@ -37,7 +50,8 @@ class PretrainData:
 
         def batches(dataset, start):
             return micro_batches(dataset, MicroBatchSampler(
-                len(dataset), start, args.micro_batch_size, dp_rank, dp), args)
+                len(dataset), start, args.micro_batch_size, dp_rank, dp), args,
+                PretrainData.collate)
 
         make_valid = None
         if valid_ds is not None and len(valid_ds) >= args.global_batch_size:

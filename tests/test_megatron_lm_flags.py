@@ -142,7 +142,7 @@ def test_architecture_flags_pick_the_family_and_shape_flags_define_the_model():
     ((), "llama needs --disable-bias-linear --normalization RMSNorm --position-embedding-type "
          "rope --swiglu"),
     (("--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear"),
-     "llama needs --position-embedding-type rope."),
+     "llama needs --position-embedding-type rope;"),
     (("--model-family", "llama", "--num-layers", "2"), "give --hidden-size, "
                                                        "--num-attention-heads"),
     (("--model-family", "llama", "--model-size", "tiny", "--rope-scaling-factor", "4"),

@@ -59,12 +59,12 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     def refuse_prefix_lm(self, stage: str) -> None:
-        """Training and generation of GLM's prefix-LM models are not built yet: say so rather
-        than run them as causal models."""
+        """A stage not built yet for GLM's prefix-LM models: say so rather than run them as
+        causal models."""
         if self.prefix_lm_ids:
             raise ValueError(f"{stage} of GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) is not "
-                             f"implemented yet; their conversion is (ChatGLM2/3 and GLM-4 "
-                             f"train and generate)")
+                             f"implemented yet; their conversion, pretraining and generation "
+                             f"are (ChatGLM2/3 and GLM-4 do everything)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":

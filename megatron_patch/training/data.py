@@ -70,8 +70,9 @@ def effective_split(split: str, sizes: list[int], prefixes: list[str] | None) ->
     return ",".join(f"{w:g}" for w in weights)
 
 
-def build_pretrain_datasets(args, tokenizer, vocab_size: int):
-    """(train, valid, test) GPTDatasets sized for the whole run."""
+def build_pretrain_datasets(args, tokenizer, vocab_size: int, reserve: int = 0):
+    """(train, valid, test) GPTDatasets sized for the whole run; each sample ``reserve``
+    tokens shorter than --seq-length (room for tokens the collate puts in front)."""
     import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -91,7 +92,7 @@ def build_pretrain_datasets(args, tokenizer, vocab_size: int):
         _check_prefixes(blend[0])
     split = effective_split(args.split, sizes, blend[0] if blend else None)
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, split=split,
+        random_seed=args.seed, sequence_length=args.seq_length - reserve, blend=blend, split=split,
         path_to_cache=args.data_cache_path, tokenizer=tokenizer,
         reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.reset_attention_mask,
@@ -157,3 +158,31 @@ def micro_batches(dataset, sampler, args, collate=None):
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                for k, v in batch.items()}
+
+
+def glm_pretrain_collate(ids: dict, two_d: bool):
+    """GLM's generation objective over plain text: every sample becomes ``[gMASK] <sop> text``
+    (the dataset's samples are two tokens shorter, so no text is dropped), the loss is on the
+    text (from ``<sop>`` on), and the prefix is ``[gMASK]`` alone, so attention is causal.
+    ChatGLM-6B's 2-D positions: 0 for ``[gMASK]`` and the mask position (0) from ``<sop>`` on,
+    block positions 0, 1, 2, ... (layers/glm_positions.py)."""
+    from torch.utils.data import default_collate
+
+    from megatron_patch.layers.glm_positions import prefix_lm_inputs
+
+    def collate(items):
+        batch = default_collate(items)
+        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+        rows = tokens.size(0)
+        head = torch.tensor([ids["gmask"], ids["sop"]], dtype=tokens.dtype).expand(rows, 2)
+        tokens = torch.cat([head, tokens], dim=1)
+        # [gMASK] predicts nothing; <sop> predicts the first text token
+        labels = torch.cat([head[:, 1:], tokens[:, 2:3], labels], dim=1)
+        loss_mask = torch.cat([torch.zeros_like(loss_mask[:, :1]),
+                               torch.ones_like(loss_mask[:, :1]), loss_mask], dim=1)
+        _, positions = prefix_lm_inputs(tokens, ids["sop"], (ids["gmask"], ids["mask"]), None,
+                                        two_d)
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": positions}
+
+    return collate

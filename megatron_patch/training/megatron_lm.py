@@ -251,12 +251,13 @@ def check_architecture(args, family) -> None:
 
 
 # What no Megatron-LM flag can ask for: families with these need --model-family.
-_NOT_IN_MEGATRON_LM = dict(embedding_norm=True, parallel_attention=True)
+_NOT_IN_MEGATRON_LM = dict(embedding_norm=True, parallel_attention=True, deepnorm=True,
+                          post_sublayer_norms=True)
 
 
 def describable(family) -> bool:
     """Whether Megatron-LM's flags can describe ``family`` (no ALiBi, embedding norm, parallel
-    attention or position offset)."""
+    attention, DeepNorm, sublayer output norms or position offset)."""
     arch = family.architecture
     return (arch.get("position_embedding_type") in ("rope", "learned_absolute", "none")
             and not arch.get("position_embedding_offset")

@@ -171,7 +171,6 @@ def plan_model(args) -> ModelPlan:
     """Resolve family, shape, tokenizer and vocabulary for this run."""
     meta, root = _source_metadata(args.load)
     family, model_args = _model_args(args, meta)
-    model_args.refuse_prefix_lm("training")
     tokenizer, tokenizer_dir = _tokenizer(args, family, meta, root)
     vocab = _flag_vocab_size(args, tokenizer)
     if meta is None and vocab is not None:
