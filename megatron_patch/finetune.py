@@ -28,12 +28,17 @@ def sft_arguments(parser) -> None:
                    help="pack several samples per sequence (no attention across samples)")
 
 
-def load_sft_dataset(path: str, tokenizer, length: int, packing: bool):
-    """JSON / JSONL file, or an mmap prefix from sft_preprocess."""
+def load_sft_dataset(path: str, tokenizer, length: int, packing: bool, glm: dict | None = None):
+    """JSON / JSONL file, or an mmap prefix from sft_preprocess. ``glm``: a prefix-LM model's
+    special ids (its samples get ``[gMASK] <sop>`` before the response)."""
     from megatron_patch.data.sft import SFTDataset
 
     if os.path.isfile(path):
-        return SFTDataset(path, tokenizer, length, packing=packing)
+        return SFTDataset(path, tokenizer, length, packing=packing, glm=glm)
+    if glm and os.path.isfile(f"{path}_tokens_document.idx"):
+        raise ValueError(f"--train-data {path}: sft_preprocess's mmap samples have no [gMASK] "
+                         f"<sop>; GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) fine-tune from "
+                         f"the JSON / JSONL records")
     if os.path.isfile(f"{path}_tokens_document.idx"):
         return SFTDataset.from_mmap(path, tokenizer, length, packing=packing or None)
     raise FileNotFoundError(f"SFT data '{path}' is neither a JSON/JSONL file nor an "
@@ -57,19 +62,24 @@ class SFTData:
 
     RESUMES_OWN_SAVE_ONLY = True
     add_arguments = staticmethod(sft_arguments)
+    glm = None  # GLM prefix-LM: (special ids, 2-D positions) of this run's model
 
     @staticmethod
     def build_datasets(args, plan):
-        plan.model_args.refuse_prefix_lm("SFT")
+        model_args = plan.model_args
+        special = model_args.prefix_lm_ids
+        SFTData.glm = (special, model_args.position_embedding_type == "rope_2d") \
+            if special else None
         if plan.tokenizer is None:
             raise ValueError("finetune needs a tokenizer: give --tokenizer-type/--tokenizer-model "
                              "or --load a checkpoint that carries one")
         args.calculate_per_token_loss = True
         args.seq_length = args.max_padding_length or args.seq_length
-        train = load_sft_dataset(args.train_data, plan.tokenizer, args.seq_length, args.packing)
+        train = load_sft_dataset(args.train_data, plan.tokenizer, args.seq_length, args.packing,
+                                 special)
         plan.meta["prompt_format"] = recorded_prompt_format(args.train_data)  # generate's default
         valid = load_sft_dataset(args.valid_data, plan.tokenizer, args.seq_length,
-                                 args.packing) if args.valid_data else None
+                                 args.packing, special) if args.valid_data else None
         if len(train) == 0:
             raise ValueError(f"--train-data {args.train_data}: no sample keeps a response token "
                              f"within {args.seq_length} tokens; raise --seq-length / "
@@ -87,7 +97,7 @@ class SFTData:
     def make_iterators(args, datasets, consumed: int):
         from megatron.core import parallel_state as ps
 
-        from megatron_patch.data.sft_packing import collate
+        from megatron_patch.data.sft_packing import collate, glm_collate
         from megatron_patch.training.data import EpochOrder, MicroBatchSampler, micro_batches
 
         train, valid = datasets
@@ -98,6 +108,9 @@ class SFTData:
             if not args.packing:  # causal attention never reaches the trailing padding
                 batch.pop("attention_mask", None)
             return batch
+
+        if SFTData.glm:  # the prompt attends both ways: the mask is always needed
+            collate_batch = glm_collate(*SFTData.glm)
 
         def batches(dataset, start, total):
             sampler = MicroBatchSampler(total, start, args.micro_batch_size, dp_rank, dp,

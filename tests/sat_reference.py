@@ -138,12 +138,26 @@ def main(argv=None) -> int:
     parser.add_argument("ids", help="a saved [b, s] id tensor; with --greedy, a saved list of "
                                     "prompts (id lists)")
     parser.add_argument("out")
+    parser.add_argument("--loss", action="store_true",
+                        help="ids: a saved list of (prompt ids, response ids): save the summed "
+                             "cross-entropy of the response tokens and their count, each sample "
+                             "alone")
     parser.add_argument("--greedy", type=int, metavar="N", default=0,
                         help="save each prompt's N greedy tokens (SAT's full forward every "
                              "step, one prompt at a time, no cache)")
     opts = parser.parse_args(argv)
     require_sat()
     model, config = load(opts.mode, opts.hf_dir)
+    if opts.loss:
+        total, count = 0.0, 0
+        for prompt, response in torch.load(opts.ids):
+            ids = torch.tensor([prompt + response])
+            logits = forward(opts.mode, model, config, ids)[0][0, :-1]
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+            total += losses[len(prompt) - 1:].sum().item()
+            count += len(response)
+        torch.save({"total": total, "count": count}, opts.out)
+        return 0
     if opts.greedy:
         completions = []
         for prompt in torch.load(opts.ids):

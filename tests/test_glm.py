@@ -7,6 +7,7 @@ checkpoints are written here under the HF chatglm-6b names and SAT's GLM-130B na
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -223,16 +224,59 @@ def test_round_trip_is_bit_identical(model, request, tmp_path):
         open(os.path.join(hf, "config.json")))
 
 
-def test_sft_refuses_prefix_lm_models_for_now(v1, tmp_path):
-    """Until GLM's prefix-LM SFT exists, it says so (not a causal run)."""
-    (tmp_path / "sft.json").write_text(json.dumps([{"instruction": "a", "output": "b"}]))
-    proc = run_python(["-m", "megatron_patch.finetune", "--load", str(v1[0] / "tp1"),
-                       "--train-data", str(tmp_path / "sft.json"), "--micro-batch-size",
-                       "1", "--global-batch-size", "1", "--seq-length", "16", "--lr", "1e-4",
-                       "--epochs", "1"], check=False)
-    assert proc.returncode != 0
-    assert "SFT of GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) is not implemented yet" \
-        in proc.stdout + proc.stderr
+@pytest.mark.parametrize("model", ["v1", "glm130b"])
+def test_seed_finetune_launcher_loss_equals_sats(model, request, tmp_path):
+    """SFT through the seed launcher: samples ``prompt [gMASK] <sop> response <eop>``, the
+    prompt bidirectional; the first loss (before any update) is the token-weighted response
+    loss of SAT's model on each record alone, built here from HF's tokenizer directly."""
+    from test_launchers import launch
+    from test_training import SFT_RECORDS, hf_prompt_and_response
+    from transformers import AutoTokenizer
+
+    root, hf, _ = request.getfixturevalue(model)
+    tok = AutoTokenizer.from_pretrained(hf)
+    samples = []
+    for record in SFT_RECORDS:
+        prompt, response = hf_prompt_and_response(tok, record)
+        samples.append((prompt + [GMASK, SOP], response[:-1] + [EOP]))  # eos -> <eop>
+    torch.save(samples, tmp_path / "samples.pt")
+    run_python([os.path.join(REPO, "tests", "sat_reference.py"),
+                "chatglm" if model == "v1" else "glm130b", hf, str(tmp_path / "samples.pt"),
+                str(tmp_path / "loss.pt"), "--loss"])
+    reference = torch.load(tmp_path / "loss.pt")
+    (tmp_path / "sft.json").write_text(json.dumps(SFT_RECORDS))
+    family = "chatglm" if model == "v1" else "glm130b"
+    args = ["dsw", "none", REPO, "tiny-v1" if model == "v1" else "tiny", "4", "1e-3", "0",
+            "256", "256", "0", "fp32", "1", "1", "none", "false", "true", "false",
+            str(tmp_path / "sft.json"), "none", str(root / "tp1"), "1", str(tmp_path / "out")]
+    script = os.path.join(REPO, "examples", family, f"run_finetune_megatron_{family}.sh")
+    proc = launch(script, args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (metrics,) = (tmp_path / "out" / "metrics").iterdir()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if "lm_loss" in line]
+    assert rows[0]["iteration"] == 1
+    assert rows[0]["lm_loss"] == pytest.approx(reference["total"] / reference["count"], abs=1e-5)
+
+
+def test_packed_glm_samples_see_what_they_see_alone():
+    """glm_collate: two samples packed in one sequence get, each, the prefix-LM mask and 2-D
+    positions they get alone (and see nothing of each other)."""
+    from megatron_patch.data.sft_packing import assemble_sequence, glm_collate
+
+    special = dict(sop=SOP, gmask=GMASK, mask=MASK, pad=PAD, eop=EOP)
+    first = (np.array([5, 6, 7, GMASK, SOP, 8, 9, EOP]), np.array([0, 0, 0, 0, 0, 1, 1, 1]))
+    second = (np.array([3, GMASK, SOP, 4, EOP]), np.array([0, 0, 0, 1, 1]))
+    collate = glm_collate(special, two_d=True)
+    packed = collate([assemble_sequence([first, second], 16, PAD)])
+    for (ids, _), start in ((first, 0), (second, 8)):
+        alone_mask, alone_positions = prefix_lm_inputs(torch.tensor([ids]), SOP, (GMASK, MASK),
+                                                       None, two_d=True)
+        end = start + len(ids)
+        assert torch.equal(packed["attention_mask"][0, 0, start:end, start:end],
+                           alone_mask[0, 0])
+        assert torch.equal(packed["position_ids"][0, :, start:end], alone_positions[0])
+    assert packed["attention_mask"][0, 0, 8:13, :8].all()  # the second sees none of the first
+    assert not packed["attention_mask"][0, 0, 1, 2]  # a prompt token sees a later one
 
 
 PROMPTS = ["Return the number of", "import", "The module provides a way to read and write"]

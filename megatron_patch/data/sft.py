@@ -215,9 +215,26 @@ def iter_json_records(path: str) -> Iterator[tuple[str, object]]:
                          f"{err.msg}") from None
 
 
-def encode_records(records: Iterable[tuple[str, object]], tokenizer, seq_length: int):
+def glm_sample(ids: np.ndarray, mask: np.ndarray, special: dict, eod: int):
+    """A sample in GLM's prefix-LM form: ``prompt [gMASK] <sop> response <eop>``. The two
+    tokens go before the first response token (``<sop>`` is not learned; it predicts the first
+    response token), and a closing eod becomes ``<eop>``, the token GLM stops at."""
+    learned = np.flatnonzero(mask)
+    if len(learned) == 0:
+        return ids, mask
+    start = learned[0]
+    ids = np.concatenate([ids[:start], [special["gmask"], special["sop"]], ids[start:]])
+    mask = np.concatenate([mask[:start], [0, 0], mask[start:]]).astype(np.uint8)
+    if ids[-1] == eod and special["eop"] != eod:
+        ids[-1] = special["eop"]
+    return ids.astype(np.int64), mask
+
+
+def encode_records(records: Iterable[tuple[str, object]], tokenizer, seq_length: int,
+                   glm: dict | None = None):
     """Tokenize, truncate to ``seq_length`` and drop samples left without a response token
-    to learn; return ``(ids list, mask list, SFTStats)``."""
+    to learn; return ``(ids list, mask list, SFTStats)``. ``glm``: GLM's special ids (a
+    prefix-LM model's samples: :func:`glm_sample`)."""
     ids_list, masks, stats = [], [], SFTStats()
     for where, record in records:
         stats.read += 1
@@ -225,6 +242,8 @@ def encode_records(records: Iterable[tuple[str, object]], tokenizer, seq_length:
             ids, mask = encode_record(record, tokenizer)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+        if glm:
+            ids, mask = glm_sample(ids, mask, glm, tokenizer.eod)
         if len(ids) > seq_length:
             ids, mask = ids[:seq_length], mask[:seq_length]
             stats.truncated += 1
@@ -249,12 +268,13 @@ class SFTDataset(torch.utils.data.Dataset):
     ``labels``, ``position_ids``, ``segment_ids`` and float32 ``loss_mask``.
     """
 
-    def __init__(self, samples_or_path, tokenizer, seq_length: int, packing: bool = False):
+    def __init__(self, samples_or_path, tokenizer, seq_length: int, packing: bool = False,
+                 glm: dict | None = None):
         if isinstance(samples_or_path, (str, os.PathLike)):
             records = iter_json_records(os.fspath(samples_or_path))
         else:
             records = ((f"sample {i}", record) for i, record in enumerate(samples_or_path))
-        ids_list, masks, stats = encode_records(records, tokenizer, seq_length)
+        ids_list, masks, stats = encode_records(records, tokenizer, seq_length, glm)
         lengths = [len(ids) for ids in ids_list]
         groups = group_samples(lengths, seq_length, packing)
         self._attach(ids_list, masks, lengths, groups, tokenizer, seq_length, stats)

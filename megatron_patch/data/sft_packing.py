@@ -99,3 +99,37 @@ def collate(batch: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     stacked = {name: torch.from_numpy(array) for name, array in collate_numpy(batch).items()}
     stacked["attention_mask"] = build_attention_mask(stacked["segment_ids"])
     return stacked
+
+
+def glm_collate(special: dict, two_d: bool):
+    """``collate`` for GLM's prefix-LM samples (``prompt [gMASK] <sop> response <eop>``, see
+    sft.glm_sample): within each packed segment the prompt through ``[gMASK]`` attends both
+    ways and the rest causally (layers/glm_positions.prefix_lm_inputs, segment by segment),
+    and ChatGLM-6B's 2-D positions restart per segment. Padding (segment 0) attends to earlier
+    padding, as in :func:`build_attention_mask`."""
+    from megatron_patch.layers.glm_positions import prefix_lm_inputs
+
+    mask_ids = (special["gmask"], special["mask"])
+
+    def collate_glm(batch):
+        stacked = collate(batch)
+        tokens, segments = stacked["tokens"], stacked["segment_ids"]
+        rows, length = tokens.shape
+        allowed = ~build_attention_mask(segments)[:, 0]
+        positions = (torch.zeros(rows, 2, length, dtype=torch.long) if two_d
+                     else stacked["position_ids"].clone())
+        for row in range(rows):
+            for segment in segments[row].unique().tolist():
+                if segment == 0:
+                    continue
+                where = (segments[row] == segment).nonzero()[:, 0]
+                start, end = int(where[0]), int(where[-1]) + 1
+                mask, ids = prefix_lm_inputs(tokens[row:row + 1, start:end], special["sop"],
+                                             mask_ids, None, two_d)
+                allowed[row, start:end, start:end] = ~mask[0, 0]
+                positions[row, ..., start:end] = ids[0]
+        stacked["attention_mask"] = ~allowed[:, None]
+        stacked["position_ids"] = positions
+        return stacked
+
+    return collate_glm

@@ -58,14 +58,6 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def refuse_prefix_lm(self, stage: str) -> None:
-        """A stage not built yet for GLM's prefix-LM models: say so rather than run them as
-        causal models."""
-        if self.prefix_lm_ids:
-            raise ValueError(f"{stage} of GLM prefix-LM models (ChatGLM-6B v1, GLM-130B) is not "
-                             f"implemented yet; their conversion, pretraining and generation "
-                             f"are (ChatGLM2/3 and GLM-4 do everything)")
-
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
         known = {f.name for f in dataclasses.fields(cls)}
