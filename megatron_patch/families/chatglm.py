@@ -85,6 +85,16 @@ LAYOUTS = {"glm": ("glm", "GlmForCausalLM"), "glm4": ("glm4", "Glm4ForCausalLM")
            "chatglm2": ("chatglm", "ChatGLMModel"), "chatglm-v1": ("chatglm", "ChatGLMModel")}
 
 
+def transformers_layout(args: ModelArgs) -> ModelArgs:
+    """``args`` in a layout transformers has a class for: the remote-code ChatGLM2 layout as
+    ``glm`` (the same model under other names); others as they are. For HF baselines."""
+    import dataclasses
+
+    if args.checkpoint_layout == "chatglm2":
+        return dataclasses.replace(args, checkpoint_layout="glm")
+    return args
+
+
 def _layout(hf_config: dict, path: str) -> str:
     model_type = hf_config.get("model_type")
     if model_type in ("glm", "glm4"):

@@ -106,7 +106,9 @@ def build_models(size: str, precision: str, device, family_name: str = "llama",
                                 use_cpu_initialization=device.type == "cpu")
     ours = build_gpt_model(family, args, config, padded_vocab_size(args.vocab_size, 128, 1, 0))
     ours = ours.to(device).eval()
-    hf_config = AutoConfig.for_model(**family.hf_config_from_args(args))
+    from megatron_patch.families.chatglm import transformers_layout
+
+    hf_config = AutoConfig.for_model(**family.hf_config_from_args(transformers_layout(args)))
     hf_config.eos_token_id = None
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(hf_config).to(PRECISION_DTYPES[precision]).eval()

@@ -93,7 +93,10 @@ def run_hf(shape, opts, compiled: bool) -> dict:
     if opts.family:
         from megatron_patch.registry import get_family
 
-        fields = get_family(opts.family).hf_config_from_args(model_args(shape, opts))
+        from megatron_patch.families.chatglm import transformers_layout
+
+        fields = get_family(opts.family).hf_config_from_args(
+            transformers_layout(model_args(shape, opts)))
         config = AutoConfig.for_model(**fields)
         try:
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
