@@ -348,7 +348,8 @@ def sat_shards(state: dict, parts: int) -> list[dict]:
 
 def test_sat_checkpoint_mp2_to_megatron_and_back_is_bit_identical(glm130b, tmp_path):
     """A SAT checkpoint at MP2 (latest + 1/mp_rank_0X_model_states.pt + config.json) ->
-    Megatron TP1: SAT's logits; -> SAT MP2 again: the same rank files, tensor for tensor."""
+    Megatron TP2 x PP2 -> TP1: SAT's logits; -> SAT MP2 again: the same rank files, tensor for
+    tensor."""
     import shutil
 
     from dist import check_logits
@@ -362,7 +363,10 @@ def test_sat_checkpoint_mp2_to_megatron_and_back_is_bit_identical(glm130b, tmp_p
     shards = sat_shards(load_file(os.path.join(hf, "model.safetensors")), 2)
     for rank, shard in enumerate(shards):
         torch.save({"module": shard}, sat / "1" / f"mp_rank_{rank:02d}_model_states.pt")
-    engine.convert_hf_to_megatron(str(sat), str(tmp_path / "mg"), progress=False)
+    engine.convert_hf_to_megatron(str(sat), str(tmp_path / "wide"), target=engine.Target(2, 2),
+                                  progress=False)
+    engine.reshard_megatron(str(tmp_path / "wide"), str(tmp_path / "mg"), engine.Target(1, 1),
+                            progress=False)
     compat.initialize_parallel(1, 1)
     try:
         _, diff = check_logits.compare(None, str(tmp_path / "mg"), 1, 1, reference=reference)
