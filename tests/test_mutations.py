@@ -48,8 +48,8 @@ MUTATIONS = (
              ("tests/test_training.py::test_sft_loss_is_the_token_weighted_response_loss_of_hf"
               "[alpaca]",)),
     Mutation("static-cache-rotary-position-plus-one", "megatron_patch/generation/static_cache.py",
-             "state.positions.copy_(positions_of(valid)[:, -1:] + 1)",
-             "state.positions.copy_(positions_of(valid)[:, -1:] + 2)",
+             "state.positions.copy_(positions[..., -1:] + self.position_step)",
+             "state.positions.copy_(positions[..., -1:] + self.position_step + 1)",
              ("tests/test_generation.py::test_greedy_batch_matches_hf_generate_tp1[static]",)),
     Mutation("qkv-k-and-v-swapped", "megatron_patch/convert/ops.py",
              "fused = torch.cat([q.reshape(ng, r * d, *rest), k.reshape(ng, d, *rest),\n"

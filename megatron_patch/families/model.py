@@ -143,7 +143,7 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
     factor = args.rope_scaling_factor
     model_class = GPTModel
     if args.position_embedding_type == "rope_2d":
-        from megatron_patch.layers.glm_positions import Rotary2DGPTModel as model_class
+        from megatron_patch.layers.rotary_2d_model import Rotary2DGPTModel as model_class
     model = model_class(
         config=config,
         transformer_layer_spec=block_spec(family, args, config, attention),

@@ -58,10 +58,10 @@ class UncachedBackend(Backend):
     def _forward(self):
         ids = getattr(self.model, "prefix_lm_ids", None)
         if ids:  # GLM: the whole sequence's prefix-LM mask and positions, every step
-            from megatron_patch.layers.glm_positions import Rotary2DGPTModel, generation_inputs
+            from megatron_patch.layers.glm_positions import generation_inputs, uses_rotary_2d
 
             mask, positions = generation_inputs(self.tokens, self.valid, ids,
-                                                isinstance(self.model, Rotary2DGPTModel))
+                                                uses_rotary_2d(self.model))
         else:
             mask, positions = causal_padding_mask(self.valid), positions_of(self.valid)
         logits = self.model(self.tokens, positions, mask, runtime_gather_output=True)

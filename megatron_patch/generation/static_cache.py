@@ -24,7 +24,7 @@ import torch
 from megatron_patch.generation import decode_kernels
 from megatron_patch.generation.backends import Backend
 from megatron_patch.generation.batching import causal_padding_mask, decode_mask, positions_of
-from megatron_patch.layers.glm_positions import Rotary2DGPTModel, generation_inputs, rotary_2d
+from megatron_patch.layers.glm_positions import generation_inputs, rotary_2d, uses_rotary_2d
 
 
 class CacheHolder:
@@ -161,7 +161,7 @@ class StaticBackend(Backend):
         # steps are causal. ChatGLM-6B's 2-D positions: a generated token keeps the mask
         # position and counts up the block position.
         self.prefix_lm = getattr(model, "prefix_lm_ids", None)
-        self.two_d = isinstance(model, Rotary2DGPTModel)
+        self.two_d = uses_rotary_2d(model)
         self.position_step = (torch.tensor([[0], [1]], device=next(model.parameters()).device)
                               if self.two_d else 1)
         self.state: DecodeState | None = None

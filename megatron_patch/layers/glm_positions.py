@@ -21,7 +21,6 @@ whole head; with the middle two quarters of each query and key head swapped (the
 from __future__ import annotations
 
 import torch
-from megatron.core.models.gpt import GPTModel
 
 
 def prefix_lm_inputs(tokens: torch.Tensor, sop_id: int, mask_ids: tuple, pad_id: int | None,
@@ -80,6 +79,12 @@ def prompt_ids(ids: list[int], special: dict) -> list[int]:
     return list(ids) + ([] if has_mask else [special["gmask"]]) + [special["sop"]]
 
 
+def uses_rotary_2d(model) -> bool:
+    """Whether ``model`` is a Rotary2DGPTModel (layers/rotary_2d_model.py), without importing
+    megatron-core here."""
+    return getattr(model, "two_d_positions", False)
+
+
 def rotary_2d(position_ids: torch.Tensor, kv_channels: int, base: float = 10000.0):
     """position_ids [b, 2, s] -> angles [s, b, 1, kv_channels] for megatron-core's rotate-half
     rotary on heads whose middle quarters are swapped (see the module docstring)."""
@@ -90,16 +95,3 @@ def rotary_2d(position_ids: torch.Tensor, kv_channels: int, base: float = 10000.
     freqs = torch.cat([angles[:, 0], angles[:, 1]], dim=-1)  # [b, s, hn / 2]
     return torch.cat([freqs, freqs], dim=-1).transpose(0, 1)[:, :, None, :]
 
-
-class Rotary2DGPTModel(GPTModel):
-    """GPTModel whose rotary angles come from 2-D position ids [b, 2, s] (:func:`rotary_2d`),
-    on every pipeline stage (built with ``position_embedding_type="none"``, so megatron-core
-    makes no table of its own)."""
-
-    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-        if position_ids is None or position_ids.dim() != 3 or position_ids.size(1) != 2:
-            raise ValueError("a 2-D rotary (ChatGLM-6B) model takes position ids [batch, 2, "
-                             "seq] (layers/glm_positions.prefix_lm_inputs)")
-        output = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
-        output[1] = rotary_2d(position_ids, self.config.kv_channels)
-        return tuple(output)
