@@ -110,9 +110,10 @@ class SwapRotaryQuarters:
     def _swap(tensor, dims):
         heads, d = dims.num_attention_heads, dims.kv_channels
         rest = tensor.shape[1:]
-        view = tensor.reshape(heads, 3, 4, d // 4, *rest).clone()
-        view[:, :2, 1], view[:, :2, 2] = view[:, :2, 2].clone(), view[:, :2, 1].clone()
-        return view.reshape(tensor.shape)
+        view = tensor.reshape(heads, 3, 4, d // 4, *rest)
+        quarters = torch.tensor([0, 2, 1, 3])  # per query and key head; values stay
+        swapped = torch.cat([view[:, :2].index_select(2, quarters), view[:, 2:]], dim=1)
+        return swapped.reshape(tensor.shape)
 
     def to_megatron(self, tensors, dims):
         (tensor,) = tensors
