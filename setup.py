@@ -19,6 +19,8 @@ setup(
         "safetensors",
         "tokenizers",
         "sentencepiece",
+        # sentencepiece's model proto module: GLM-130B's tokenizer appends pieces to icetk's model
+        "protobuf",
         "numpy",
         # megatron-core's checkpoint writer hangs forever without psutil.
         "psutil",

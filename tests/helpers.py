@@ -62,6 +62,28 @@ def train_tiny_tokenizer(output_dir: str, vocab_size: int = 500, docs: int = 400
     return train_bpe_tokenizer(texts, vocab_size, output_dir)
 
 
+def train_tiny_sentencepiece(path: str, vocab_size: int = 320, byte_fallback: bool = False,
+                             user_defined: tuple = ("<n>",)) -> str:
+    """A unigram SentencePiece model at ``path`` trained on the standard library's docstrings
+    (pieces 0-3: ``<unk> <s> </s> <pad>``, as the GLM releases number them)."""
+    import io
+
+    import sentencepiece
+
+    from megatron_patch.data.corpus import iter_stdlib_docstrings
+
+    lines = [line for _, text in zip(range(300), iter_stdlib_docstrings())
+             for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", byte_fallback=byte_fallback, user_defined_symbols=list(user_defined),
+        pad_id=3, character_coverage=1.0, num_threads=1, minloglevel=2)
+    with open(path, "wb") as handle:
+        handle.write(model.getvalue())
+    return path
+
+
 def save_tiny_llama(output_dir: str, seed: int = 0, qk_scale: float = 1.0, **overrides) -> str:
     """A random HF LlamaForCausalLM (2 layers, hidden 64 unless overridden), saved as safetensors.
 

@@ -10,6 +10,12 @@ SAT 0.4.12's contiguous ``[Q | K | V]``, the notes' adapter, written here and no
 under test), and saves fp32 logits for the token ids, with SAT's own prefix-LM mask and 2-D
 positions (``get_inputs``), plus those mask and positions.
 
+``tokenize``: ``python tests/sat_reference.py tokenize DIR TEXTS.json OUT.json [--save-v1 FILE]``:
+SAT's ``GLM130BTokenizer`` (over icetk 0.0.7's TextTokenizer, both installed without their
+dependencies) on DIR/ice_text.model: the ids and decoded text of each text, the special tokens'
+ids and the id count; ``--save-v1`` writes the model SAT configures with ChatGLM-6B's special
+list (``<unused_0>`` for ``<eod>``), the structure of ChatGLM-6B's own ice_text.model.
+
 ``glm130b``: DIR holds SAT's own tensor names; SAT's GLM130B runs on the CPU in fp32 with the
 notes' three shims (its CUDA device, a float mask where it wants a bool one, a hard-coded
 ``.half()``), on the mask GLM-130B's generate.py builds (bidirectional before ``sop``) and
@@ -17,6 +23,7 @@ positions 0, 1, 2, ... ([gMASK] prompts).
 """
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -131,9 +138,44 @@ def forward(mode, model, config, ids):
     return logits, allowed, positions, valid
 
 
+def sat_tokenizer(directory: str):
+    """SAT's GLM130BTokenizer over DIR/ice_text.model. Shims: icetk's package __init__ (it
+    imports the image tokenizer, torchvision) is skipped, and its protobuf-3.18 generated
+    sentencepiece_model_pb2 is replaced by sentencepiece's own module of the same proto."""
+    import types
+
+    from sentencepiece import sentencepiece_model_pb2
+
+    home = os.path.dirname(importlib.util.find_spec("icetk").origin)
+    package = types.ModuleType("icetk")
+    package.__path__ = [home]
+    sys.modules["icetk"] = package
+    sys.modules["icetk.sentencepiece_model_pb2"] = sentencepiece_model_pb2
+    from sat.tokenization.icetk_glm_130B.ice_tokenizer import GLM130BTokenizer
+
+    return GLM130BTokenizer(path=directory)
+
+
+def tokenize(directory: str, texts_file: str, out: str, save_v1: str | None) -> None:
+    tokenizer = sat_tokenizer(directory)
+    texts = json.load(open(texts_file))
+    ids = [tokenizer.encode(text) for text in texts]
+    names = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "</s>", "<pad>", "<unk>"]
+    result = {"ids": ids, "decoded": [tokenizer.decode(row) for row in ids],
+              "special": {name: tokenizer[name] for name in names},
+              "num_tokens": tokenizer.num_image_tokens + tokenizer.text_tokenizer.num_tokens}
+    json.dump(result, open(out, "w"))
+    if save_v1:
+        v1 = type(tokenizer)(path=directory)
+        v1.special_tokens = [name if name != "<eod>" else "<unused_0>"
+                             for name in v1.special_tokens]
+        with open(save_v1, "wb") as handle:
+            handle.write(v1.text_tokenizer.proto.SerializeToString())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["chatglm", "glm130b"])
+    parser.add_argument("mode", choices=["chatglm", "glm130b", "tokenize"])
     parser.add_argument("hf_dir")
     parser.add_argument("ids", help="a saved [b, s] id tensor; with --greedy, a saved list of "
                                     "prompts (id lists)")
@@ -145,8 +187,13 @@ def main(argv=None) -> int:
     parser.add_argument("--greedy", type=int, metavar="N", default=0,
                         help="save each prompt's N greedy tokens (SAT's full forward every "
                              "step, one prompt at a time, no cache)")
+    parser.add_argument("--save-v1", metavar="FILE", help="tokenize: write a ChatGLM-6B-style "
+                        "ice_text.model (SAT's configured model, ChatGLM-6B's special list)")
     opts = parser.parse_args(argv)
     require_sat()
+    if opts.mode == "tokenize":
+        tokenize(opts.hf_dir, opts.ids, opts.out, opts.save_v1)
+        return 0
     model, config = load(opts.mode, opts.hf_dir)
     if opts.loss:
         total, count = 0.0, 0

@@ -16,7 +16,7 @@ fi
 check='
 import importlib, os, sys
 mods = ["megatron.core", "transformers", "safetensors", "tokenizers", "sentencepiece", "psutil",
-        "zstandard", "tqdm", "megatron_patch"] + sys.argv[2:]
+        "zstandard", "tqdm", "google.protobuf", "megatron_patch"] + sys.argv[2:]
 for m in mods:
     importlib.import_module(m)
 import megatron_patch
@@ -32,13 +32,14 @@ if ! (cd /tmp && "$PY" -W ignore -c "$check" "$root" "${extra_mods[@]}") >/dev/n
   "$PY" -m pip install -q -e "$target"
 fi
 
-# The GLM tests' reference, SwissArmyTransformer, pinned and without its dependencies (they pull
-# deepspeed and more; its model code needs only these): ../shared/notes/glm_references.md.
+# The GLM tests' references, pinned and without their dependencies (SAT's pull deepspeed and
+# more, icetk's an old protobuf and torchvision; the tests use only their model and text code):
+# ../shared/notes/glm_references.md.
 if [[ ",$extras," == *",test,"* ]]; then
-  sat_version=$(cd /tmp && "$PY" -c "import importlib.metadata as m; print(m.version('swissarmytransformer'))" 2>/dev/null || true)
-  if [[ "$sat_version" != "0.4.12" ]]; then
-    echo "[install] installing the GLM reference: pip install --no-deps swissarmytransformer==0.4.12 (+ requests, einops)"
-    "$PY" -m pip install -q requests einops
-    "$PY" -m pip install -q --no-deps "swissarmytransformer==0.4.12"
+  version_of() { (cd /tmp && "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true); }
+  if [[ "$(version_of swissarmytransformer)" != "0.4.12" || "$(version_of icetk)" != "0.0.7" ]]; then
+    echo "[install] installing the GLM references: pip install --no-deps swissarmytransformer==0.4.12 icetk==0.0.7 (+ requests, einops, filelock)"
+    "$PY" -m pip install -q requests einops filelock
+    "$PY" -m pip install -q --no-deps "swissarmytransformer==0.4.12" "icetk==0.0.7"
   fi
 fi

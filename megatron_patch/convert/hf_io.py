@@ -15,8 +15,10 @@ from megatron_patch.convert.io_utils import (CheckpointError, load_lazily, read_
 # Files that travel with the weights (tokenizer, generation defaults); never the weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja")
-SIDE_FILES = TOKENIZER_FILES + ("generation_config.json",)
+                   "chat_template.jinja", "ice_text.model")
+# tokenization_chatglm.py: the remote code ChatGLM users load the HF directory with (read as
+# text by tokenizers/glm_files.py for ChatGLM3's role tokens, never run here)
+SIDE_FILES = TOKENIZER_FILES + ("generation_config.json", "tokenization_chatglm.py")
 # safetensors' dtype tags (its format spec).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,

@@ -27,6 +27,12 @@ def tokenizer_tokens(root: str, meta: dict) -> int | None:
     if path is None or not os.path.exists(path):
         return None
     try:
+        if carried.get("type") in ("chatglm", "glm130b"):  # their own SentencePiece schemes
+            from megatron_patch.tokenizers.glm_files import token_count
+
+            tokens = token_count(path, carried["type"])
+            if tokens is not None:
+                return tokens
         if os.path.isfile(path):  # a SentencePiece model, as the trainer saves one
             from sentencepiece import SentencePieceProcessor
 

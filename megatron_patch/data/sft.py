@@ -152,13 +152,18 @@ def tokenize_piece(tokenizer, text: str) -> list[int]:
     hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
     if hf_tokenizer is not None:
         return list(hf_tokenizer(text, add_special_tokens=False).input_ids)
+    if hasattr(tokenizer, "tokenize_text"):  # tokenizers/glm.py: ChatGLM2's [gMASK] sop left out
+        return list(tokenizer.tokenize_text(text))
     return list(tokenizer.tokenize(text))
 
 
 def _bos(tokenizer) -> list[Piece]:
     """BOS once at the start of a sample, when the tokenizer itself starts a text with one
     (LLaMA's does); a tokenizer that never adds BOS (so neither did the pretraining data)
-    gets none."""
+    gets none. A tokenizer with a ``text_prefix`` (ChatGLM2's ``[gMASK] sop``) gets that."""
+    prefix = getattr(tokenizer, "text_prefix", None)
+    if prefix is not None:
+        return [(list(prefix), False)] if prefix else []
     bos = getattr(tokenizer, "bos", None)
     if bos is None:
         return []

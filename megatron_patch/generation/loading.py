@@ -62,6 +62,7 @@ def load_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | None,
                    tokenizer_type: str | None):
     """The tokenizer, refused when it has more tokens than the model's vocabulary."""
     from megatron_patch.tokenizers import build_tokenizer
+    from megatron_patch.tokenizers.glm_files import check_special_ids
 
     kind, path = tokenizer_location(checkpoint, tokenizer_path, tokenizer_type)
     tokenizer = build_tokenizer(kind, path)
@@ -69,6 +70,7 @@ def load_tokenizer(checkpoint: Checkpoint, tokenizer_path: str | None,
         raise ValueError(f"tokenizer {path!r} has {tokenizer.vocab_size} tokens but the model "
                          f"of --load {checkpoint.path!r} only {checkpoint.args.vocab_size}: "
                          f"wrong --tokenizer-path?")
+    check_special_ids(tokenizer, checkpoint.args.prefix_lm_ids, f"tokenizer {path!r}")
     return tokenizer
 
 

@@ -11,10 +11,13 @@ included), ``padded_vocab_size`` and ``hf_tokenizer``. Names are matched case-in
 =========================  =================================================================
 bloombpe                   BLOOM HF tokenizer directory      ``AutoTokenizer.from_pretrained``
 llamabpe                   LLaMA HF tokenizer directory      (local files only,
-falconbpe                  Falcon HF tokenizer directory      ``trust_remote_code=False``;
-galacticabpe               Galactica HF tokenizer directory   ChatGLM / GLM-130B must be saved
-chatglm                    ChatGLM HF tokenizer directory     as a fast tokenizer,
-glm130b                    GLM-130B HF tokenizer directory    ``tokenizer.json``)
+falconbpe                  Falcon HF tokenizer directory      ``trust_remote_code=False``)
+galacticabpe               Galactica HF tokenizer directory
+chatglm                    ChatGLM-6B ``ice_text.model``,     ``tokenizers/glm.py`` (the
+                           ChatGLM2/3 ``tokenizer.model``     releases' special tokens and
+                           (or their directory)               whitespace pieces); a directory
+glm130b                    GLM-130B ``ice_text.model``        with ``tokenizer.json`` (GLM-4):
+                                                              ``AutoTokenizer``
 HuggingFaceTokenizer       any HF tokenizer directory
 SentencePieceTokenizer     a SentencePiece ``.model`` file   ``SentencePieceProcessor``
 GPTSentencePieceTokenizer  same (Megatron-LM's name)

@@ -13,8 +13,10 @@ TOKENIZER_TYPES = {
     "llamabpe": ("hf", f"LLaMA {_HF_DIR}"),
     "falconbpe": ("hf", f"Falcon {_HF_DIR}"),
     "galacticabpe": ("hf", f"Galactica {_HF_DIR}"),
-    "chatglm": ("hf", f"ChatGLM {_HF_DIR} (fast tokenizer: tokenizer.json)"),
-    "glm130b": ("hf", f"GLM-130B {_HF_DIR} (fast tokenizer: tokenizer.json)"),
+    "chatglm": ("glm", "ChatGLM ice_text.model (ChatGLM-6B) or tokenizer.model (ChatGLM2/3), "
+                f"or the directory holding it, or an {_HF_DIR} with tokenizer.json (GLM-4)"),
+    "glm130b": ("glm", "GLM-130B ice_text.model (icetk's), or the directory holding it, or an "
+                f"{_HF_DIR} with tokenizer.json"),
     "HuggingFaceTokenizer": ("hf", f"any {_HF_DIR}"),
     "SentencePieceTokenizer": ("spm", "SentencePiece .model file"),
     "GPTSentencePieceTokenizer": ("spm", "SentencePiece .model file (Megatron-LM's name)"),
@@ -53,5 +55,11 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str, extra_vocab_size:
 
         return SentencePieceTokenizer(tokenizer_model, name, **padding)
     from megatron_patch.tokenizers.hf import HFTokenizer
+
+    if TOKENIZER_TYPES[name][0] == "glm":
+        from megatron_patch.tokenizers.glm import GLMTokenizer, resolve_model_file
+
+        if resolve_model_file(tokenizer_model, name) is not None:
+            return GLMTokenizer(tokenizer_model, name, **padding)
 
     return HFTokenizer(tokenizer_model, name, **padding)

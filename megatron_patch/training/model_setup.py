@@ -16,6 +16,7 @@ from megatron_patch.families.model import PRECISION_DTYPES
 from megatron_patch.families.base import ModelArgs
 from megatron_patch.registry import get_family
 from megatron_patch.tokenizers.vocab import padded_vocab_size
+from megatron_patch.tokenizers.glm_files import check_special_ids
 
 # ModelArgs fields that Megatron-LM flags of the same names set.
 _SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -184,6 +185,7 @@ def plan_model(args) -> ModelPlan:
     if tokenizer is not None and tokenizer.vocab_size > model_args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {model_args.vocab_size}")
+    check_special_ids(tokenizer, model_args.prefix_lm_ids, f"--tokenizer-model {tokenizer_dir}")
     extra = _vocab_padding_flag(args, meta, "extra_vocab_size", 0)
     divisible = _vocab_padding_flag(args, meta, "make_vocab_size_divisible_by", 128)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
