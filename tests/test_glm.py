@@ -425,16 +425,17 @@ def test_pretrain_samples_start_with_gmask_sop():
     assert flat["position_ids"][0].tolist() == list(range(6))
 
 
-def test_pretraining_layouts_agree_and_resume_is_exact(v1, shared, tmp_path):
-    """ChatGLM-6B: first losses and grad norms at TP2 x PP2 (the 2-D positions reach every
-    pipeline stage) equal TP1's; a run stopped and resumed equals the straight one bit for
-    bit. (GLM-130B's positions are megatron-core's own; its layers are checked at TP2 x PP2
-    by the logits test.)"""
+@pytest.mark.parametrize("model", ["v1", "glm130b"])
+def test_pretraining_layouts_agree_and_resume_is_exact(model, request, shared, tmp_path):
+    """First losses and grad norms at TP2 x PP2 equal TP1's (ChatGLM-6B: the 2-D positions
+    reach every pipeline stage; GLM-130B: the GeGLU halves split per rank, DeepNorm, the tied
+    output across stages); a run stopped and resumed equals the straight one bit for bit."""
     from types import SimpleNamespace
 
     from test_families import assert_layouts_agree_and_resume_is_exact
 
-    case = SimpleNamespace(tp1=str(v1[0] / "tp1"), tp=2, pp=2)
+    root = request.getfixturevalue(model)[0]
+    case = SimpleNamespace(tp1=str(root / "tp1"), tp=2, pp=2)
     assert_layouts_agree_and_resume_is_exact(shared, case, tmp_path)
 
 
