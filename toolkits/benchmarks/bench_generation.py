@@ -25,6 +25,12 @@ HF ``generate(do_sample=False)`` on each prompt alone.
 
 ``--family F --size S``: that family's sizes row (``--num-layers`` to shorten it) and its own
 transformers class, from the config.json our converter writes (the parity check stays llama's).
+A GLM prefix-LM row (ChatGLM-6B, GLM-130B: transformers has no class for them, so no HF rows)
+decodes prompts ending ``[gMASK] <sop>``, and its parity check compares every backend's greedy
+tokens with the eager static cache's (whose tokens equal SAT's on the CPU: tests/test_glm.py)
+on the family's tiny prefix-LM row in fp32, 2-D positions included.
+
+    python toolkits/benchmarks/bench_generation.py --family chatglm --size chatglm-6b --num-layers 8
 """
 from __future__ import annotations
 
@@ -106,6 +112,8 @@ def build_models(size: str, precision: str, device, family_name: str = "llama",
                                 use_cpu_initialization=device.type == "cpu")
     ours = build_gpt_model(family, args, config, padded_vocab_size(args.vocab_size, 128, 1, 0))
     ours = ours.to(device).eval()
+    if getattr(ours, "prefix_lm_ids", None):  # no transformers class (module docstring)
+        return ours, None, args
     from megatron_patch.families.chatglm import transformers_layout
 
     hf_config = AutoConfig.for_model(**family.hf_config_from_args(transformers_layout(args)))
@@ -196,6 +204,58 @@ def tiny_checkpoint(scratch: str) -> str:
     convert_hf_to_megatron(os.path.join(scratch, "hf"), os.path.join(scratch, "mg"),
                            target=Target(1, 1), progress=False)
     return scratch
+
+
+def glm_prompts(model, prompts):
+    """Prompts ending ``[gMASK] <sop>`` for a prefix-LM model (ids kept below the special ones),
+    as they are for any other model."""
+    special = getattr(model, "prefix_lm_ids", None)
+    if not special:
+        return prompts
+    floor = min(special[key] for key in ("sop", "gmask", "mask", "eop"))
+    rows = [[3 + (i % (floor - 3)) for i in row] for row in
+            (prompts.tolist() if torch.is_tensor(prompts) else prompts)]
+    rows = [row[:-2] + [special["gmask"], special["sop"]] for row in rows]
+    return torch.tensor(rows, device=prompts.device) if torch.is_tensor(prompts) else rows
+
+
+def prefix_lm_parity(backends, device, opts, new_tokens: int = 16) -> dict:
+    """Greedy tokens of each backend = the eager static cache's, on the family's tiny
+    prefix-LM row (random fp32 weights, prompts of different lengths)."""
+    from megatron_patch.families.model import build_gpt_model, transformer_config
+
+    family = get_family(opts.family)
+    size = next(name for name in family.sizes if name.startswith("tiny")
+                and family.args_for_size(name).prefix_lm_ids)
+    args = family.args_for_size(size)
+    torch.manual_seed(0)
+    config = transformer_config(family, args, precision="fp32",
+                                use_cpu_initialization=device.type == "cpu")
+    model = build_gpt_model(family, args, config, args.vocab_size).to(device).eval()
+    with torch.no_grad():  # sharper attention: tokens that depend on the (2-D) positions
+        for name, param in model.named_parameters():
+            if "linear_qkv.weight" in name or "word_embeddings" in name:
+                param.mul_(20)
+            if "linear_proj.weight" in name or "linear_fc2.weight" in name:
+                param.mul_(10)  # DeepNorm's alpha x input would drown the sublayers
+    prompts = glm_prompts(model, [torch.randint(3, args.vocab_size, (n,)).tolist()
+                                  for n in (5, 17, 9, 30)])
+    limits = Limits(new_tokens, None, 0, args.vocab_size)
+    expected = [c.ids for c in generate_batch(make_backend("static", model, 64, opts),
+                                              prompts, GREEDY, limits)[0]]
+    report = {"reference": f"static cache (eager), {opts.family} {size}",
+              "distinct_tokens": len({t for row in expected for t in row})}
+    for name in backends:
+        try:
+            got = [c.ids for c in generate_batch(make_backend(name, model, 64, opts), prompts,
+                                                 GREEDY, limits)[0]]
+        except Exception as err:  # report it with the rest
+            report[name] = {"equal": False, "error": f"{type(err).__name__}: {err}"[:400]}
+            continue
+        same = sum(a == b for c, e in zip(got, expected) for a, b in zip(c, e))
+        report[name] = {"equal": got == expected,
+                        "tokens_equal": f"{same}/{len(prompts) * new_tokens}"}
+    return report
 
 
 def parity(backends, device, opts, new_tokens: int = 16) -> dict:
@@ -352,9 +412,12 @@ def timed_rows(stacks, shape, models, results, opts, started) -> None:
             row = {"stack": stack, "batch": batch}
             if time.perf_counter() - started > opts.max_seconds:
                 row["note"] = "skipped (time budget)"
+            elif hf is None and stack not in OURS:
+                row["note"] = "no transformers class for this model"
             else:
-                prompts = torch.randint(3, args.vocab_size, (batch, shape["prompt"]),
-                                        device=device)
+                prompts = glm_prompts(ours, torch.randint(3, args.vocab_size,
+                                                          (batch, shape["prompt"]),
+                                                          device=device))
                 try:
                     row.update(measure(stack, ours, hf, prompts, shape, args.vocab_size, opts))
                     row["of_bound"] = row["decode_tps"] / (batch * bandwidth / weight_bytes)
@@ -398,9 +461,12 @@ def main(argv=None) -> int:
     early = [OURS[s] for s in stacks if s in OURS and OURS[s] not in COMPILED]
     results = {"device": torch.cuda.get_device_name() if gpu else "cpu", "shape": shape,
                "options": vars(opts), "parity": {}}
+    prefix_lm = bool(get_family(opts.family).args_for_size(shape["size"]).prefix_lm_ids)
+    check = prefix_lm_parity if prefix_lm else parity
     if not opts.skip_parity:
-        results["parity"] = parity(early + ["uncached"], device, opts)
-        print("parity with HF greedy:", json.dumps(results["parity"]), flush=True)
+        results["parity"] = check([b for b in early if not prefix_lm or b != "mcore"]
+                                  + ["uncached"], device, opts)
+        print("parity (greedy tokens):", json.dumps(results["parity"]), flush=True)
     models = build_models(shape["size"], shape["precision"], device, opts.family,
                           opts.num_layers)
     timed_rows(stacks, shape, models, results, opts, started)
@@ -408,7 +474,7 @@ def main(argv=None) -> int:
         profiles(stacks, shape, models, results, opts)
     compiled = [OURS[s] for s in stacks if OURS.get(s) in COMPILED]
     if compiled and not opts.skip_parity and time.perf_counter() - started < opts.max_seconds:
-        results["parity"].update(parity(compiled, device, opts))
+        results["parity"].update(check(compiled, device, opts))
         print("parity of the compiled stacks:",
               json.dumps({name: results["parity"][name] for name in compiled}))
         from torch._dynamo.utils import counters  # graph breaks hide kernels from fusion
