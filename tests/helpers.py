@@ -110,18 +110,22 @@ def save_tiny_llama(output_dir: str, seed: int = 0, qk_scale: float = 1.0, **ove
 
 
 def save_tiny_hf(family_name: str, output_dir: str, size: str = "tiny", seed: int = 0,
-                 qk_scale: float = 1.0, **overrides) -> str:
+                 qk_scale: float = 1.0, hf_extra: dict | None = None, **overrides) -> str:
     """A random HF model of any registered family, from its sizes-table row (``overrides`` are
-    ModelArgs fields): the config.json the family's own declaration writes, the weights drawn
-    by transformers, norms randomised (as in :func:`save_tiny_llama`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    ModelArgs fields, ``hf_extra`` more config.json fields): the config.json the family's own
+    declaration writes, the weights drawn by transformers, norms randomised (as in
+    :func:`save_tiny_llama`). ``reward_head=True``: its ``*ForSequenceClassification``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from megatron_patch.registry import get_family
 
     family = get_family(family_name)
     config = family.hf_config_from_args(family.args_for_size(size, **overrides))
+    config.update(hf_extra or {})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    auto = AutoModelForSequenceClassification if overrides.get("reward_head") else \
+        AutoModelForCausalLM
+    model = auto.from_config(AutoConfig.for_model(**config))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith(("ln_attn.weight", "ln_mlp.weight", "ln_f.weight")):

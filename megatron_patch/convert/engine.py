@@ -110,7 +110,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def stage_bindings(family: Family, args: ModelArgs, pp: int, stage: int) -> list[Binding]:
     """Every tensor of one pipeline stage. With tied embeddings and PP > 1 the last stage
     holds its own copy of the embedding as ``output_layer.weight`` (megatron-core's rule)."""
-    rows = family.weights(args)
+    rows = family.rows(args)
     bindings = bind_stage(rows, stage_layers(args.num_layers, pp, stage), stage == 0,
                           stage == pp - 1)
     if args.tie_embeddings and pp > 1 and stage == pp - 1:
@@ -404,7 +404,7 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
     dims = dims_for(hf_args, meta["padded_vocab_size"])
     fetch = megatron_full_fetcher(reader, args, meta, meta["padded_vocab_size"])
     # Every row once, with global names: the HF side has no pipeline stages.
-    bindings = bind_stage(family.weights(hf_args), range(args.num_layers), True, True)
+    bindings = bind_stage(family.rows(hf_args), range(args.num_layers), True, True)
     if sat_model_parallel:
         _write_sat(save, overwrite, sat_model_parallel, bindings, fetch, dims, progress,
                    report, reader, args, family, hf_args, meta, load)

@@ -48,6 +48,9 @@ class ModelArgs:
     # The HF naming this model was read in and is written back in, for a family with several
     # (chatglm: "glm", "glm4", "chatglm2"); "" for a family with one.
     checkpoint_layout: str = ""
+    # A reward model: a scalar head (HF's ``score.weight``, layers/reward_head.py) in place of
+    # the output layer, never tied to the embedding
+    reward_head: bool = False
 
     def __post_init__(self):
         if self.num_query_groups is None:
@@ -86,6 +89,19 @@ class ModelArgs:
         if pipeline_parallel < 1 or self.num_layers % pipeline_parallel:
             raise ValueError(f"{pp_flag} {pipeline_parallel} does not divide the "
                              f"{self.num_layers} layers")
+
+
+def is_reward_config(hf_config: dict, path: str = "config.json") -> bool:
+    """Whether an HF config.json is a reward model's: a ``*ForSequenceClassification``
+    architecture with one label (more labels are a classifier, refused)."""
+    architectures = hf_config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        return False
+    labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels", 2)
+    if labels != 1:
+        raise ValueError(f"{path}: a {architectures[0]} with {labels} labels is a classifier; "
+                         "a reward model has one (num_labels=1)")
+    return True
 
 
 # The fields that tell one row of a family's sizes table from another.
@@ -141,14 +157,39 @@ class Family:
     # (chatglm's remote-code ChatGLM2 config): ModelArgs -> dict, or None for the default.
     write_config: Callable[["ModelArgs"], Optional[dict]] = field(default=lambda args: None)
 
+    @property
+    def hf_reward_architecture(self) -> str | None:
+        """transformers' one-label sequence classifier of this family (a reward model), or
+        None where there is none (GLM-130B, ChatGLM-6B)."""
+        if not self.hf_architecture.endswith("ForCausalLM"):
+            return None
+        return self.hf_architecture[:-len("ForCausalLM")] + "ForSequenceClassification"
+
     def args_from_hf(self, hf_config: dict, path: str = "config.json") -> ModelArgs:
-        """HF config.json dict -> ModelArgs (raises ValueError naming the file and field)."""
+        """HF config.json dict -> ModelArgs (raises ValueError naming the file and field). A
+        ``*ForSequenceClassification`` config with one label is a reward model."""
         values = {f.megatron: f.read(hf_config, path) for f in self.config_fields}
         values.update(self.read_extra(hf_config, path))
+        if is_reward_config(hf_config, path):
+            values.update(reward_head=True, tie_embeddings=False)
         return ModelArgs(family=self.name, **{**self.architecture, **values})
+
+    def rows(self, args: ModelArgs) -> list:
+        """The weight-mapping rows of ``args``: the family's, with a reward model's ``score``
+        in place of the output layer (whole on every tensor-parallel rank)."""
+        rows = self.weights(args)
+        if not args.reward_head:
+            return rows
+        from megatron_patch.convert.mapping import Row
+
+        return [row for row in rows if row.megatron != "output_layer.weight"] + [
+            Row("output_layer.weight", "score.weight", stage="last")]
 
     def hf_config_from_args(self, args: ModelArgs) -> dict:
         """ModelArgs -> a config.json dict that transformers loads as this family."""
+        if args.reward_head and self.hf_reward_architecture is None:
+            raise ValueError(f"{self.name} has no transformers sequence-classification class: "
+                             "its reward models cannot be written as HF checkpoints")
         written = self.write_config(args)
         if written is not None:
             return written
@@ -156,6 +197,9 @@ class Family:
         config.update(self.hf_fixed)
         config.update({f.hf: getattr(args, f.megatron) for f in self.config_fields})
         config.update(self.write_extra(args))
+        if args.reward_head:
+            config.update(architectures=[self.hf_reward_architecture],
+                          id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return config
 
     def args_for_size(self, size: str, **overrides) -> ModelArgs:

@@ -163,7 +163,11 @@ def build_gpt_model(family: Family, args: ModelArgs, config, padded_vocab_size: 
         embedding_extras.add_embedding_norm(model.embedding, config, args.norm_epsilon)
     if pre_process and args.position_embedding_offset:
         embedding_extras.offset_positions(model.embedding, args.position_embedding_offset)
-    if post_process:
+    if post_process and args.reward_head:
+        from megatron_patch.layers import reward_head
+
+        reward_head.install(model, config)
+    elif post_process:
         mask_padded_logits(model.output_layer, args.vocab_size, padded_vocab_size,
                            ps.get_tensor_model_parallel_rank(), config.tensor_model_parallel_size)
     return model

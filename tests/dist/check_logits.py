@@ -5,7 +5,8 @@ loss instead: megatron-core's vocab-parallel cross-entropy (labels given to the 
 HF's own ``model(ids, labels=ids).loss``, printing loss_abs_diff. With --reference FILE (a
 ``torch.save``d {"ids", "logits"}: SwissArmyTransformer's, tests/sat_reference.py) the logits
 are compared with those; a prefix-LM (GLM) model gets its mask and positions from
-megatron_patch's own builder (layers/glm_positions.py)."""
+megatron_patch's own builder (layers/glm_positions.py). A reward model's scores at every
+position are compared with HF's ``score`` over its ``*ForSequenceClassification`` trunk."""
 import argparse
 import sys
 
@@ -51,7 +52,9 @@ def megatron_logits(mg_path, tp, pp, ids, attention, labels=None):
         if not last:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None, args
-    return (out if labels is not None else out[..., : args.vocab_size]), args
+    if labels is not None or args.reward_head:  # a reward model's [b, s, 1] scores
+        return out, args
+    return out[..., : args.vocab_size], args
 
 
 def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False, reference=None):
@@ -68,11 +71,18 @@ def compare(hf_dir, mg_path, tp, pp, attention="sdpa", loss=False, reference=Non
     torch.manual_seed(0)
     ids = torch.randint(0, 200, (2, 25 if loss else 24))
     inputs, labels = (ids[:, :-1], ids[:, 1:]) if loss else (ids, None)
-    out, _ = megatron_logits(mg_path, tp, pp, inputs, attention, labels)
+    out, args = megatron_logits(mg_path, tp, pp, inputs, attention, labels)
     if out is None:
         return None
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if args.reward_head:  # every position's score: HF's score layer over its trunk's output
+        hf = AutoModelForSequenceClassification.from_pretrained(hf_dir,
+                                                                dtype=torch.float32).eval()
+        with torch.no_grad():
+            trunk = getattr(hf, hf.base_model_prefix)
+            diff = (out - hf.score(trunk(ids).last_hidden_state)).abs().max().item()
+        return f"rank {dist.get_rank()} max_abs_diff={diff:.3e}", diff
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         if loss:  # HF shifts the labels itself
