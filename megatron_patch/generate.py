@@ -9,12 +9,11 @@ copies share the micro-batches. ``--help`` lists the flags.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from megatron_patch import compat
-from megatron_patch.convert.io_utils import CheckpointError
 from megatron_patch.generation import cli
+from megatron_patch.generation.cli import log
 from megatron_patch.generation.engine import Limits, build_backend
 from megatron_patch.generation.loading import (load_model, load_tokenizer, open_checkpoint,
                                                size_mismatch)
@@ -27,10 +26,6 @@ from megatron_patch.generation.schedule import generate_all
 MAX_TRUNCATION_WARNINGS = 5
 
 
-def log(message: str) -> None:
-    """stderr, once per job (global rank 0; torchrun sets RANK before anything starts)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
 
 
 def tokenize_prompts(tokenizer, prompts, limit: int, prompt_format: str) -> list[list[int]]:
@@ -111,14 +106,7 @@ def run(opts) -> None:
 
 def main(argv=None) -> int:
     """Exit code: 0 done, 1 bad input (message on stderr), 2 bad flags (usage)."""
-    opts = cli.parse_args(argv)
-    compat.exit_unless_supported()
-    try:
-        run(opts)
-    except (CheckpointError, FileNotFoundError, PermissionError, ValueError) as err:
-        log(f"error: {err}")
-        return 1
-    return 0
+    return cli.run_command(cli.parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """Reward models: HF ``*ForSequenceClassification`` (one label) <-> Megatron with a scalar head,
-bit-identical both ways; every position's score equals HF's ``score`` over its trunk at TP1 and
-TP2 x PP2."""
+bit-identical both ways; every position's score equals HF's ``score`` over its trunk at TP1;
+training's first loss equals the Bradley-Terry loss of transformers' model at TP1 and
+TP2 x PP2, a resumed run equals the straight one, a keyword preference is learned, and the
+scoring CLI gives HF's own scores."""
 import json
 import os
+import random
+import shutil
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_torchrun, save_tiny_hf
+from helpers import REPO, run_python, run_torchrun, save_tiny_hf, train_tiny_tokenizer
 from megatron_patch.convert import engine
 
 VOCAB, PAD = 300, 299
@@ -18,10 +23,14 @@ RM_FAMILIES = ["llama", "bloom", "falcon", "galactica"]  # bloom, OPT: tied embe
 @pytest.fixture(scope="module")
 def reward_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
+    tokenizer = train_tiny_tokenizer(str(root / "tokenizer"), vocab_size=280)
     made = {}
     for name in RM_FAMILIES:
         hf = save_tiny_hf(name, str(root / name / "hf"), vocab_size=VOCAB, qk_scale=10.0,
                           reward_head=True, hf_extra={"pad_token_id": PAD})
+        if name == "llama":
+            for file in os.listdir(tokenizer):
+                shutil.copy(os.path.join(tokenizer, file), hf)
         engine.convert_hf_to_megatron(hf, str(root / name / "tp1"), progress=False)
         made[name] = root / name
     engine.convert_hf_to_megatron(str(root / "llama" / "hf"), str(root / "llama" / "wide"),
@@ -65,9 +74,228 @@ def test_scores_equal_hf_at_tp1(reward_models, name):
     assert diff <= 1e-5
 
 
-def test_scores_equal_hf_at_tp2_pp2(reward_models):
+WORDS = "the a module value file data read write number list return object".split()
+
+
+def write_pairs(path, count: int, seed: int, keyword: bool = False) -> str:
+    """Short prompt/chosen/rejected records; ``keyword``: the chosen response says
+    "excellent" where the rejected one says "terrible", the rest random and shared."""
+    rng = random.Random(seed)
+    with open(path, "w") as out:
+        for _ in range(count):
+            stem = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
+            tail = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 2)))
+            if keyword:
+                chosen, rejected = f" {stem} excellent {tail}", f" {stem} terrible {tail}"
+            else:
+                chosen, rejected = (" " + " ".join(rng.choice(WORDS) for _ in range(
+                    rng.randint(1, 4))) for _ in range(2))
+            out.write(json.dumps({"prompt": f"Q: {stem}\nA:", "chosen": chosen,
+                                  "rejected": rejected}) + "\n")
+    return str(path)
+
+
+def train_rm(load, data, metrics, *extra, nproc=1, iters=4):
+    args = ["-m", "megatron_patch.reward_model", "--load", str(load), "--train-data", str(data),
+            "--train-iters", str(iters), "--micro-batch-size", "2", "--global-batch-size", "8",
+            "--seq-length", "48", "--lr", "1e-3", "--log-interval", "1", "--metrics-file",
+            str(metrics), *extra]
+    proc = run_torchrun(args, nproc=nproc)
+    rows = [json.loads(line) for line in open(metrics)]
+    return {row["iteration"]: (row["rm_loss"], row["accuracy"], row["margin"], row["grad_norm"])
+            for row in rows if "rm_loss" in row}, proc
+
+
+def hf_pair_loss(hf_dir, data, pairs: int) -> float:
+    """transformers' LlamaForSequenceClassification on each side alone (our token ids):
+    the mean of -log sigmoid(r_chosen - r_rejected) over the first ``pairs`` pairs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from megatron_patch.rlhf.reward import encode_pairs
+    from megatron_patch.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("llamabpe", hf_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)
+    encoded, _ = encode_pairs(data, tokenizer, 48)
+    losses = []
+    with torch.no_grad():
+        for pair in encoded[:pairs]:
+            chosen, rejected = (model(torch.tensor([pair[k]])).logits[0, 0]
+                                for k in ("chosen", "rejected"))
+            losses.append(-torch.nn.functional.logsigmoid(chosen - rejected))
+    return torch.stack(losses).mean().item()
+
+
+def test_first_loss_equals_transformers_and_resume_is_exact(reward_models, tmp_path):
+    """Iteration 1's loss (before any update) at TP1 and TP2 x PP2 = transformers' over the
+    same 8 pairs (one global batch: the whole file, so its shuffle cannot matter); a run
+    stopped at 2 and resumed = the straight run, grad norms too."""
     root = reward_models["llama"]
-    proc = run_torchrun(["tests/dist/check_logits.py", "--hf", str(root / "hf"), "--mg",
-                         str(root / "wide"), "--tp", "2", "--pp", "2", "--tolerance", "1e-5"],
-                        nproc=4)
-    assert proc.stdout.count("max_abs_diff=") == 2  # both TP ranks of the last stage
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
+    expected = hf_pair_loss(str(root / "hf"), data, 8)
+    straight, _ = train_rm(root / "tp1", data, tmp_path / "straight.jsonl")
+    wide, _ = train_rm(root / "wide", data, tmp_path / "wide.jsonl", "--tensor-model-parallel-size",
+                       "2", "--pipeline-model-parallel-size", "2", nproc=4)
+    assert straight[1][0] == pytest.approx(expected, abs=1e-5)
+    assert wide[1][0] == pytest.approx(expected, abs=1e-5)
+    for iteration in straight:
+        assert wide[iteration] == pytest.approx(straight[iteration], rel=1e-4), iteration
+    ckpt = tmp_path / "ckpt"
+    train_rm(root / "tp1", data, tmp_path / "part.jsonl", "--save", str(ckpt),
+             "--exit-interval", "2")
+    resumed, _ = train_rm(ckpt, data, tmp_path / "part.jsonl", "--save", str(ckpt))
+    assert resumed == straight
+
+
+def test_a_keyword_preference_is_learned_from_a_language_model(tmp_path):
+    """From a converted causal LM (its trunk; the head starts from the init): held-out
+    accuracy >= 90% and the margin grows."""
+    hf = save_tiny_hf("llama", str(tmp_path / "lm"), vocab_size=VOCAB)
+    tokenizer = train_tiny_tokenizer(str(tmp_path / "tokenizer"), vocab_size=280)
+    for file in os.listdir(tokenizer):
+        shutil.copy(os.path.join(tokenizer, file), hf)
+    engine.convert_hf_to_megatron(hf, str(tmp_path / "mg"), progress=False)
+    train = write_pairs(tmp_path / "train.jsonl", 256, seed=2, keyword=True)
+    valid = write_pairs(tmp_path / "valid.jsonl", 64, seed=3, keyword=True)
+    metrics = tmp_path / "metrics.jsonl"
+    trained, proc = train_rm(tmp_path / "mg", train, metrics, "--valid-data", valid,
+                             "--eval-interval", "30", "--eval-iters", "8", "--lr", "2e-3",
+                             "--global-batch-size", "16", "--micro-batch-size", "8",
+                             "--save", str(tmp_path / "rm"), "--seq-length", "128", iters=30)
+    assert "gives no output_layer.weight" in proc.stdout
+    assert "256 pairs read, 256 kept; 0 sides truncated" in proc.stdout
+    (validation,) = [json.loads(line) for line in open(metrics) if "valid_accuracy" in line]
+    assert validation["valid_accuracy"] >= 0.9
+    assert trained[30][2] > trained[1][2] + 1.0  # the mean margin, r_chosen - r_rejected
+    meta = json.loads((tmp_path / "rm" / "megatron_patch.json").read_text())
+    assert meta["model_args"]["reward_head"]
+
+
+def test_scoring_cli_gives_hfs_scores(reward_models, tmp_path):
+    """The imported HF reward model's scores through ``--score`` = HF's pooled logits
+    (transformers finds the last non-pad token itself, in a right-padded batch)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from megatron_patch.rlhf.score import read_texts
+    from megatron_patch.tokenizers import build_tokenizer
+
+    root = reward_models["llama"]
+    data = write_pairs(tmp_path / "pairs.jsonl", 6, seed=4)
+    with open(data, "a") as out:
+        out.write(json.dumps({"text": "a text alone"}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    proc = run_python(["-m", "megatron_patch.reward_model", "--score", "--load",
+                       str(root / "tp1"), "--input-file", data, "--output-file", str(out),
+                       "--micro-batch-size", "4"])
+    scores = [json.loads(line) for line in open(out)]
+    tokenizer = build_tokenizer("llamabpe", str(root / "hf"))
+    texts, _, _ = read_texts(data, tokenizer, 10**6)  # our ids, fed to HF as they are
+    model = AutoModelForSequenceClassification.from_pretrained(str(root / "hf"),
+                                                               dtype=torch.float32)
+    width = max(len(t) for t in texts)
+    batch = torch.tensor([t + [PAD] * (width - len(t)) for t in texts])
+    with torch.no_grad():
+        hf = model(batch, attention_mask=(batch != PAD).long()).logits[:, 0].tolist()
+    ours = [value for row in scores for value in
+            ((row["chosen_score"], row["rejected_score"]) if "chosen_score" in row
+             else (row["score"],))]
+    assert ours == pytest.approx(hf, abs=1e-5)
+    right = sum(row["chosen_score"] > row["rejected_score"] for row in scores[:-1])
+    assert f"accuracy {right / 6:.4f} ({right} of 6 pairs" in proc.stderr
+
+
+def test_score_index_under_left_and_right_padding(reward_models):
+    """The score read at each row's last token is the same with the row left-padded (padding
+    masked, positions from 0 at the first real token) as right-padded, and as alone."""
+    from megatron_patch import compat
+    from megatron_patch.generation.batching import causal_padding_mask, positions_of
+    from megatron_patch.generation.loading import load_model, open_checkpoint
+
+    rows = [[5, 9, 13, 2], [7, 8, 9, 10, 11, 12, 2], [40, 2]]
+    width = max(map(len, rows))
+    compat.initialize_parallel(1, 1)
+    try:
+        model = load_model(open_checkpoint(str(reward_models["llama"] / "tp1")), 1)
+        with torch.no_grad():
+            alone = [model(torch.tensor([r]), torch.arange(len(r))[None], None)[0, -1, 0]
+                     for r in rows]
+            right = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+            right_scores = model(right, torch.arange(width).expand(3, width), None)
+            left = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+            valid = left != PAD
+            left_scores = model(left, positions_of(valid), causal_padding_mask(valid))
+    finally:
+        compat.destroy_parallel()
+    for i, r in enumerate(rows):
+        assert right_scores[i, len(r) - 1, 0] == pytest.approx(alone[i].item(), abs=1e-5)
+        assert left_scores[i, -1, 0] == pytest.approx(alone[i].item(), abs=1e-5)
+
+
+def test_bad_pairs_are_named_by_file_and_line(reward_models, tmp_path):
+    from megatron_patch.rlhf.reward import encode_pairs
+    from megatron_patch.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("llamabpe", str(reward_models["llama"] / "hf"))
+    path = tmp_path / "bad.jsonl"
+    for line, message in (
+            ('{"prompt": "p", "chosen": "a", "rejected": ["b"]}', "both be strings or both"),
+            ('{"prompt": "p", "chosen": "a"}', "expected a preference record"),
+            ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "x"}', "'margin'")):
+        path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+            encode_pairs(str(path), tokenizer, 32)
+    path.write_text('{"prompt": "p", "chosen": "same", "rejected": "same"}\n')
+    pairs, stats = encode_pairs(str(path), tokenizer, 32)
+    assert pairs == [] and stats.dropped_identical == 1 and stats.read == 1
+    proc = run_python(["-m", "megatron_patch.reward_model", "--load",
+                       str(reward_models["llama"] / "tp1"), "--train-data", str(path),
+                       "--train-iters", "1", "--micro-batch-size", "1",
+                       "--global-batch-size", "1", "--seq-length", "32", "--lr", "1e-4"],
+                      check=False)
+    assert proc.returncode == 2 and "no pair is left" in proc.stderr
+
+
+def test_seed_style_launcher_trains_a_reward_model(reward_models, tmp_path):
+    """examples/llama/run_train_reward_model_llama.sh with the SFT launcher's 22 arguments."""
+    from test_launchers import launch
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 16, seed=5)
+    args = ["dsw", "none", REPO, "tiny", "2", "1e-3", "1e-4", "64", "48", "0", "fp32", "1", "1",
+            "none", "false", "true", "false", data, data, str(reward_models["llama"] / "tp1"),
+            "1", str(tmp_path / "out")]
+    script = os.path.join(REPO, "examples", "llama", "run_train_reward_model_llama.sh")
+    proc = launch(script, args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (metrics,) = (tmp_path / "out" / "metrics").iterdir()
+    assert metrics.name.startswith("dsw-reward-megatron-llama-tiny-")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len([row for row in rows if "rm_loss" in row]) == 8  # 16 pairs, batch 2, 1 epoch
+    bad = launch(script, args[:17] + ["/nonexistent.jsonl"] + args[18:])
+    assert bad.returncode == 2
+    assert "TRAIN_DATASET_PATH '/nonexistent.jsonl' is not a JSON/JSONL file of preference" \
+        in bad.stderr
+
+
+def test_seed_reward_model_convertor_wrapper(reward_models, tmp_path):
+    """toolkits/.../reward_model_convertor_megatron.sh: HF reward model -> Megatron TP2 -> HF,
+    bit-identical; a language model given to it is refused before any work."""
+    import subprocess
+
+    wrapper = os.path.join(REPO, "toolkits", "model_checkpoints_convertor", "llama",
+                           "reward_model_convertor_megatron.sh")
+    hf = str(reward_models["llama"] / "hf")
+
+    def convert(*args):
+        return subprocess.run(["bash", wrapper, "none", *map(str, args)], capture_output=True,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHON": sys.executable})
+
+    assert convert(hf, tmp_path / "mg", 2, 1, "false").returncode == 0
+    assert convert(tmp_path / "mg", tmp_path / "back", 1, 1, "true").returncode == 0
+    original, back = (load_file(os.path.join(d, "model.safetensors")) for d in (hf, tmp_path / "back"))
+    assert sorted(back) == sorted(original) and all(torch.equal(back[k], original[k])
+                                                    for k in original)
+    lm = save_tiny_hf("llama", str(tmp_path / "lm"), vocab_size=VOCAB)
+    refused = convert(lm, tmp_path / "lm-mg", 1, 1, "false")
+    assert refused.returncode == 2 and not (tmp_path / "lm-mg").exists()
+    assert "--model-type reward: --load" in refused.stderr
+    assert "holds a language model (LlamaForCausalLM)" in refused.stderr

@@ -373,7 +373,8 @@ def test_a_window_of_skipped_iterations_says_so_instead_of_a_nan_loss(capsys):
                            tensorboard_dir=None, log_interval=2, train_iters=10)
     logger = TrainingLogger(args, ModelArgs("llama", 2, 64, 160, 4), 384, 1, True)
     for iteration in (1, 2):  # fp16 backing off from its initial loss scale
-        logger.record(iteration, 0.1, 5.7, 1e-3, None, 2.0 ** (33 - iteration), True, 4)
+        logger.record(iteration, 0.1, {"lm loss": 5.7}, 1e-3, None, 2.0 ** (33 - iteration),
+                      True, 4)
     line = capsys.readouterr().out
     assert "lm loss: - (every iteration skipped: the gradients overflowed" in line
     assert "NAN" not in line.upper() and "number of skipped iterations:   2" in line

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "states.pt and config.json) at N model-parallel ranks instead of "
                              "safetensors (glm130b). A SAT --load is read as such when it has "
                              "a 'latest' file and a config.json")
+    parser.add_argument("--model-type", choices=("gpt", "reward"), default=None,
+                        help="what --load must hold: a language model (gpt) or a reward model "
+                             "(reward: HF *ForSequenceClassification with one label, or a "
+                             "Megatron checkpoint with a scalar head); default: whichever it "
+                             "is (config.json / megatron_patch.json say)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -132,6 +137,8 @@ def _convert(args, report) -> tuple[tuple[str, str], dict]:
     vocabulary = Vocabulary(args.vocab_size, args.tokenizer_path)
     from_hf = not args.megatron_to_hf and os.path.isfile(os.path.join(args.load, "config.json"))
     _check_flags(args, from_hf)
+    if args.model_type:
+        _check_model_type(args.load, args.model_type, from_hf)
     if args.megatron_to_hf:
         meta = engine.convert_megatron_to_hf(args.load, args.save, vocabulary=vocabulary,
                                              sat_model_parallel=args.sat_model_parallel_size,
@@ -145,6 +152,27 @@ def _convert(args, report) -> tuple[tuple[str, str], dict]:
     meta = engine.reshard_megatron(args.load, args.save, target, vocabulary=vocabulary,
                                    **common)
     return (f"megatron ({report.source_layout})", f"megatron ({engine.layout_of(meta)})"), meta
+
+
+def _check_model_type(load: str, wanted: str, from_hf: bool) -> None:
+    """--model-type: refuse a source of the other kind before any work."""
+    import json
+
+    from megatron_patch.convert import megatron_io as mio
+    from megatron_patch.families.base import is_reward_config
+
+    if from_hf:
+        path = os.path.join(load, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        reward, what = is_reward_config(config, path), (config.get("architectures") or ["?"])[0]
+    else:
+        meta = mio.read_metadata(mio.resolve_checkpoint(load)[0]) or {}
+        reward = bool(meta.get("model_args", {}).get("reward_head"))
+        what = "a scalar head" if reward else "an output layer over the vocabulary"
+    if reward != (wanted == "reward"):
+        have = "a reward model" if reward else "a language model"
+        raise ValueError(f"--model-type {wanted}: --load {load} holds {have} ({what})")
 
 
 def _check_flags(args, from_hf: bool) -> None:

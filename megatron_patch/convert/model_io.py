@@ -21,18 +21,22 @@ def runtime_padded_vocab(meta: dict, tensor_parallel: int) -> int:
 
 @torch.no_grad()
 def load_model_weights(model: torch.nn.Module, load: str, tp_rank: int, tp: int, pp_rank: int,
-                       pp: int, reader_bundle=None) -> dict:
+                       pp: int, reader_bundle=None, keep: tuple = ()) -> dict:
     """Copy this rank's slice of every tensor of checkpoint ``load`` into ``model`` (one
     pipeline stage, unwrapped GPTModel). Vocabulary rows go up to the model's own padding
     (megatron-core's ``GPTModel.vocab_size``): a checkpoint Megatron-LM saved at another TP
-    pads differently. Returns the checkpoint's metadata."""
+    pads differently. ``keep``: the model's parameters left as they are (a reward head new to
+    a language model's checkpoint, whose output layer is then not read). Returns the
+    checkpoint's metadata."""
     reader, family, args, meta = reader_bundle or open_megatron(load)
     padded = getattr(model, "vocab_size", None) or runtime_padded_vocab(meta, tp)
     fetch = megatron_full_fetcher(reader, args, meta, padded)
     dims = dims_for(args, padded)
     state = model.state_dict(keep_vars=True)
-    expected = {k for k in state if not k.endswith("_extra_state")}
+    expected = {k for k in state if not k.endswith("_extra_state") and k not in keep}
     for binding in stage_bindings(family, args, pp, pp_rank):
+        if binding.megatron_local in keep:
+            continue
         if binding.megatron_local not in state:
             raise CheckpointError(f"{load}: model has no parameter '{binding.megatron_local}'")
         piece = shard_tensor(fetch(binding), binding.row.tp, tp, tp_rank, dims)

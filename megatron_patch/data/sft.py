@@ -71,13 +71,13 @@ def alpaca_pieces(record: dict, tokenizer) -> list[Piece]:
     if not isinstance(record.get("output"), str) or not isinstance(fields["instruction"], str):
         raise ValueError("an instruction record needs string 'instruction' and 'output'")
     template = ALPACA_PROMPT_WITH_INPUT if fields["input"] else ALPACA_PROMPT_NO_INPUT
-    return _bos(tokenizer) + [(template.format(**fields), False), (record["output"], True),
+    return bos_pieces(tokenizer) + [(template.format(**fields), False), (record["output"], True),
                               ([tokenizer.eod], True)]
 
 
 def fallback_chat_pieces(messages: list[dict], tokenizer) -> list[Piece]:
     """The documented fallback template; eod ends each assistant turn."""
-    pieces = _bos(tokenizer)
+    pieces = bos_pieces(tokenizer)
     for message in messages:
         header = FALLBACK_CHAT_HEADER.format(role=message["role"])
         if message["role"] == "assistant":
@@ -130,6 +130,11 @@ def encode_record(record: object, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     else:
         raise ValueError("expected an instruction record {instruction, input, output} "
                          "or a chat record {messages}")
+    return encode_pieces(pieces, tokenizer)
+
+
+def encode_pieces(pieces: list[Piece], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, learned mask)`` of text / id pieces."""
     ids, mask = [], []
     for piece, learned in pieces:
         piece_ids = piece if isinstance(piece, list) else tokenize_piece(tokenizer, piece)
@@ -157,7 +162,7 @@ def tokenize_piece(tokenizer, text: str) -> list[int]:
     return list(tokenizer.tokenize(text))
 
 
-def _bos(tokenizer) -> list[Piece]:
+def bos_pieces(tokenizer) -> list[Piece]:
     """BOS once at the start of a sample, when the tokenizer itself starts a text with one
     (LLaMA's does); a tokenizer that never adds BOS (so neither did the pretraining data)
     gets none. A tokenizer with a ``text_prefix`` (ChatGLM2's ``[gMASK] sop``) gets that."""

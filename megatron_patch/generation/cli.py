@@ -4,6 +4,8 @@ the flag named."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from megatron_patch import compat
 from megatron_patch.argtypes import positive_int
@@ -122,3 +124,24 @@ def prompt_limit(opts: argparse.Namespace, max_position_embeddings: int) -> tupl
                          f"in a sequence of {seq_length} (set --seq-length)")
     room = seq_length - opts.max_new_tokens
     return seq_length, min(opts.max_prompt_length or room, room)
+
+
+def log(message: str) -> None:
+    """stderr, once per job (global rank 0; torchrun sets RANK before anything starts)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_command(parse, run, argv=None) -> int:
+    """``run(parse(argv))`` as a command: 0 done, 1 bad input (the message on stderr), 2 bad
+    flags (argparse's usage)."""
+    from megatron_patch.convert.io_utils import CheckpointError
+
+    opts = parse(argv)
+    compat.exit_unless_supported()
+    try:
+        run(opts)
+    except (CheckpointError, FileNotFoundError, PermissionError, ValueError) as err:
+        log(f"error: {err}")
+        return 1
+    return 0

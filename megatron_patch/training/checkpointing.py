@@ -112,13 +112,18 @@ def _publish(root: str, tmp: str, final: str, iteration: int, plan) -> None:
     mio.write_tracker(root, iteration)
 
 
-def load_weights(args, model) -> dict:
+def load_weights(args, model, keep: tuple = ()) -> dict:
     """Copy this rank's weights from ``args.load`` (any TP/PP, either format) into the bare
-    GPTModel. Returns the checkpoint's metadata."""
+    GPTModel; ``keep``: parameters left as initialised (the checkpoint's are not read).
+    Returns the checkpoint's metadata."""
     from megatron.core import parallel_state as ps
 
     root, iter_dir = mio.resolve_checkpoint(args.load)
     if mio.is_torch_dist(iter_dir):
+        if keep:
+            raise ValueError(f"--load {args.load}: a torch_dist checkpoint cannot start a "
+                             f"model with new parameters ({', '.join(keep)}); convert it to "
+                             f"the torch format first")
         return _load_torch_dist_weights(model, root, iter_dir)
     # A checkpoint Megatron-LM saved has no metadata: its args give the shape, the command
     # line the family and the vocabulary (NullTokenizer's --vocab-size N: N + 1 tokens).
@@ -128,7 +133,7 @@ def load_weights(args, model) -> dict:
     return load_model_weights(model, args.load, ps.get_tensor_model_parallel_rank(),
                               args.tensor_model_parallel_size,
                               ps.get_pipeline_model_parallel_rank(),
-                              args.pipeline_model_parallel_size, bundle)
+                              args.pipeline_model_parallel_size, bundle, keep)
 
 
 def _load_torch_dist_weights(model, root: str, iter_dir: str) -> dict:

@@ -1,11 +1,12 @@
-"""``python -m megatron_patch.training.launcher_check pretrain|finetune FAMILY ARGS...``: the
-checks and flag translation behind the seed's training launchers
-(``examples/common/run_pretrain.sh``, ``run_finetune.sh``), kept here so the shell stays thin.
+"""``python -m megatron_patch.training.launcher_check pretrain|finetune|reward_model FAMILY
+ARGS...``: the checks and flag translation behind the seed's training launchers
+(``examples/common/run_pretrain.sh``, ``run_finetune.sh``, ``run_train_reward_model.sh``: the
+SFT launcher's arguments, pairs for data), kept here so the shell stays thin.
 
 ARGS are the seed's positional arguments (``PRETRAIN_ARGS`` / ``FINETUNE_ARGS``). On a wrong
 value this prints the problem, naming the argument, and exits 2. Otherwise it creates the output
 directories and prints, one per line: the number of processes a CPU-only machine needs (TP x PP),
-the log file, then the ``python -m megatron_patch.pretrain|finetune`` flags. The environment
+the log file, then the ``python -m megatron_patch.pretrain|finetune|reward_model`` flags. The environment
 variable ``EXTRA_TRAIN_ARGS`` (shell words) is appended to the flags.
 
 Outputs go where the seed put them: ``OUTPUT_BASEPATH/checkpoint/NAME``, ``tensorboard/NAME``,
@@ -43,6 +44,8 @@ NAME_FIELDS = {
                  ("seqlen", "SEQ_LEN"), ("pad", "PAD_LEN"), ("pr", "PR"), ("tp", "TP"),
                  ("pp", "PP"), ("ac", "AC"), ("do", "DO"), ("sp", "SP")),
 }
+NAME_FIELDS["reward_model"] = NAME_FIELDS["finetune"]
+KIND_NAMES = {"pretrain": "pretrain", "finetune": "finetune", "reward_model": "reward"}
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -115,7 +118,10 @@ def check_values(kind: str, values: dict) -> None:
     if source != "none" and not os.path.isdir(source):
         raise LauncherError(f"PRETRAIN_CHECKPOINT_PATH '{source}' is not a directory (give a "
                             f"Megatron checkpoint, or none for random weights)")
-    (_check_pretrain_values if kind == "pretrain" else _check_finetune_values)(values)
+    if kind == "pretrain":
+        _check_pretrain_values(values)
+    else:
+        _check_finetune_values(values, pairs=kind == "reward_model")
 
 
 def _check_pretrain_values(values: dict) -> None:
@@ -135,14 +141,18 @@ def _check_pretrain_values(values: dict) -> None:
                                 f"prefix that megatron_patch.data.preprocess wrote)")
 
 
-def _check_finetune_values(values: dict) -> None:
+def _check_finetune_values(values: dict, pairs: bool = False) -> None:
+    """``pairs``: reward-model data, JSON / JSONL files only."""
     if values["PAD_LEN"] > values["SEQ_LEN"]:
         raise LauncherError(f"PAD_LEN ({values['PAD_LEN']}) must not exceed SEQ_LEN "
                             f"({values['SEQ_LEN']})")
     for name in ("TRAIN_DATASET_PATH", "VALID_DATASET_PATH"):
         path = values[name]
-        if not (os.path.isfile(path) or os.path.isfile(f"{path}_tokens_document.idx")
-                or (name == "VALID_DATASET_PATH" and path == "none")):
+        if os.path.isfile(path) or (name == "VALID_DATASET_PATH" and path == "none"):
+            continue
+        if pairs:
+            raise LauncherError(f"{name} '{path}' is not a JSON/JSONL file of preference pairs")
+        if not os.path.isfile(f"{path}_tokens_document.idx"):
             raise LauncherError(f"{name} '{path}' is neither a JSON/JSONL file nor an "
                                 f"sft_preprocess prefix")
 
@@ -181,7 +191,7 @@ def check_model_size(family_name: str, size: str) -> object:
 
 def run_name(kind: str, family: str, raw: dict) -> str:
     """``dsw-pretrain-megatron-llama-7B-lr-1e-5-bs-4-...``: the settings, as the seed named runs."""
-    parts = [raw["ENV"], kind, "megatron", family]
+    parts = [raw["ENV"], KIND_NAMES[kind], "megatron", family]
     for label, name in NAME_FIELDS[kind]:
         parts += [label, raw[name]] if label else [raw[name]]
     return "-".join(parts).replace("/", "_")
@@ -197,9 +207,10 @@ def model_source_flags(kind: str, family, values: dict, save_dir: str) -> list[s
         return flags + ["--load", save_dir]
     source = values["PRETRAIN_CHECKPOINT_PATH"]
     if source == "none":
-        if kind == "finetune":
-            raise LauncherError("PRETRAIN_CHECKPOINT_PATH none: fine-tuning needs a checkpoint "
-                                "that carries its tokenizer (a converted or trained one)")
+        if kind != "pretrain":
+            what = "fine-tuning" if kind == "finetune" else "reward-model training"
+            raise LauncherError(f"PRETRAIN_CHECKPOINT_PATH none: {what} needs a checkpoint "
+                                f"that carries its tokenizer (a converted or trained one)")
         return flags + ["--model-size", values["MODEL_SIZE"]]
     _note_shape_mismatch(family, values["MODEL_SIZE"], source)
     return flags + ["--load", source, "--finetune"]
@@ -242,9 +253,11 @@ def data_flags(kind: str, values: dict) -> list[str]:
                 "--warmup-tokens", str(values["WARMUP_TOKENS"]),
                 "--save-interval", str(values["SAVE_INTERVAL"]),
                 "--eval-interval", "10000", "--eval-iters", "10"]
+    # A reward model's pairs are padded to --seq-length: PAD_LEN is that length.
+    length = ["--max-padding-length", str(values["PAD_LEN"])] if kind == "finetune" else \
+        ["--seq-length", str(values["PAD_LEN"])]
     flags = ["--train-data", values["TRAIN_DATASET_PATH"], "--epochs", str(values["EPOCH"]),
-             "--max-padding-length", str(values["PAD_LEN"]),
-             "--eval-interval", "1000", "--eval-iters", "10"]
+             *length, "--eval-interval", "1000", "--eval-iters", "10"]
     if values["VALID_DATASET_PATH"] != "none":
         flags += ["--valid-data", values["VALID_DATASET_PATH"]]
     return flags
@@ -295,9 +308,9 @@ def check_megatron_core() -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] not in ("pretrain", "finetune"):
-        print("usage: python -m megatron_patch.training.launcher_check pretrain|finetune FAMILY "
-              "ARGS...", file=sys.stderr)
+    if len(argv) < 2 or argv[0] not in NAME_FIELDS:
+        print("usage: python -m megatron_patch.training.launcher_check "
+              "pretrain|finetune|reward_model FAMILY ARGS...", file=sys.stderr)
         return 2
     try:
         nproc, log, flags = plan(argv[0], argv[1], argv[2:])

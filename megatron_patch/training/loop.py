@@ -32,6 +32,17 @@ def forward_step(data_iterator, model):
     return output, functools.partial(loss_func, batch["loss_mask"])
 
 
+class LanguageModelObjective:
+    """What a training step computes: the language-model loss (pretrain, SFT). Other
+    objectives (rlhf/reward.py) give their own ``forward_step`` whose loss function reports
+    ``{name: [sum, count]}`` pairs, the first being the loss; ``rows_per_sample`` sequences make
+    one sample (a preference pair is two) and set the micro-batch's tensor shape."""
+
+    loss_name = "lm loss"
+    rows_per_sample = 1
+    forward_step = staticmethod(forward_step)
+
+
 def configure_model(chunks, optimizer, args):
     """Hook megatron-core's gradient machinery into the model config, as Megatron-LM does
     (``train()`` in megatron/training/training.py): with --overlap-grad-reduce the schedule
@@ -99,54 +110,60 @@ class ParamGatherHooks:
             self._disable()
 
 
-def _reduce_loss(losses: list[dict]) -> float:
-    """Token-weighted mean of the micro-batch losses across data-parallel ranks."""
+def reduce_stats(outputs: list[dict]) -> dict:
+    """``{name: sum / count}`` of the micro-batches' ``{name: [sum, count]}`` across
+    data-parallel ranks (the loss weighted by its tokens or pairs, never by micro-batch)."""
     from megatron.core import parallel_state as ps
 
-    if not losses:
-        return float("nan")
-    total = torch.stack([x["lm loss"] for x in losses]).sum(dim=0)
+    if not outputs:
+        return {}
+    names = list(outputs[0])
+    total = torch.stack([torch.stack([out[name] for name in names]) for out in outputs]).sum(0)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    return {name: (total[i, 0] / total[i, 1].clamp(min=1)).item()
+            for i, name in enumerate(names)}
 
 
-def train_step(args, chunks, optimizer, scheduler, data_iterator):
-    """Forward/backward over all micro-batches, one optimizer step. -> (loss or None,
-    grad norm, skipped)."""
-    from megatron.core import parallel_state as ps
+def _forward_backward(args, chunks, data_iterator, objective, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=objective.forward_step, data_iterator=data_iterator, model=chunks,
+        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size * objective.rows_per_sample,
+        forward_only=forward_only)
+
+
+def train_step(args, chunks, optimizer, scheduler, data_iterator,
+               objective=LanguageModelObjective):
+    """Forward/backward over all micro-batches, one optimizer step. -> (stats or None off the
+    last stage, grad norm, skipped)."""
+    from megatron.core import parallel_state as ps
 
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
-        num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=False)
+    outputs = _forward_backward(args, chunks, data_iterator, objective, forward_only=False)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=args.global_batch_size)
-    loss = _reduce_loss(losses) if ps.is_pipeline_last_stage() else None
-    return loss, grad_norm, not updated
+    stats = reduce_stats(outputs) if ps.is_pipeline_last_stage() else None
+    return stats, grad_norm, not updated
 
 
 @torch.no_grad()
-def evaluate(args, chunks, make_iterator) -> float | None:
-    """Mean validation loss over --eval-iters global batches (None off the last stage)."""
+def evaluate(args, chunks, make_iterator, objective=LanguageModelObjective) -> dict | None:
+    """Validation stats over --eval-iters global batches (None off the last stage)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
         chunk.eval()
-    iterator, losses = make_iterator(), []
+    iterator, outputs = make_iterator(), []
     for _ in range(args.eval_iters):
-        losses += get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterator, model=chunks,
-            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=True)
+        outputs += _forward_backward(args, chunks, iterator, objective, forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return _reduce_loss(losses) if ps.is_pipeline_last_stage() else None
+    return reduce_stats(outputs) if ps.is_pipeline_last_stage() else None
 
 
 def _synchronize():
@@ -155,7 +172,7 @@ def _synchronize():
 
 
 def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_valid_iter,
-                 logger, save):
+                 logger, save, objective=LanguageModelObjective):
     """Iterate until --train-iters (or --exit-interval); ``save(iteration, consumed)`` writes a
     checkpoint. ``state`` holds iteration and consumed_train_samples and is updated."""
     for chunk in chunks:
@@ -165,18 +182,20 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
     started = time.time()
     while state["iteration"] < args.train_iters:
         start = time.time()
-        loss, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter)
+        stats, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter,
+                                               objective)
         hooks.after_step(skipped)
         _synchronize()
         state["iteration"] += 1
         state["consumed_train_samples"] += args.global_batch_size
         iteration = state["iteration"]
-        logger.record(iteration, time.time() - start, loss, reported_lr(optimizer), grad_norm,
+        logger.record(iteration, time.time() - start, stats, reported_lr(optimizer), grad_norm,
                       optimizer.get_loss_scale().item(), skipped, state["consumed_train_samples"])
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0 \
                 and make_valid_iter is not None:
             with hooks.synced():
-                logger.record_validation(iteration, evaluate(args, chunks, make_valid_iter))
+                logger.record_validation(iteration, evaluate(args, chunks, make_valid_iter,
+                                                             objective))
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             with hooks.synced():
                 save(iteration)

@@ -38,13 +38,21 @@ def _memory_gib() -> float:
 class TrainingLogger:
     """Collects per-iteration figures on the rank that reports (the last one)."""
 
-    def __init__(self, args, model_args, padded_vocab: int, world_size: int, reporting: bool):
+    def __init__(self, args, model_args, padded_vocab: int, world_size: int, reporting: bool,
+                 objective=None):
+        from megatron_patch.training.loop import LanguageModelObjective
+
+        objective = objective or LanguageModelObjective
         self.args = args
         self.reporting = reporting
         self.world_size = world_size
-        self.flops = flops_per_iteration(model_args, args.global_batch_size, args.seq_length,
-                                         padded_vocab)
+        self.loss_name = objective.loss_name  # "lm loss": the metrics file's "lm_loss"
+        self.loss_key = self.loss_name.replace(" ", "_")
+        self.rows = args.global_batch_size * objective.rows_per_sample  # sequences per step
+        self.flops = flops_per_iteration(model_args, self.rows, args.seq_length,
+                                         1 if model_args.reward_head else padded_vocab)
         self.window: list[dict] = []
+        self.extras: list[str] = []
         self.metrics = open(args.metrics_file, "a") if reporting and args.metrics_file else None
         self.tensorboard = self._tensorboard() if reporting and args.tensorboard_dir else None
 
@@ -57,26 +65,31 @@ class TrainingLogger:
             return None
         return SummaryWriter(log_dir=self.args.tensorboard_dir)
 
-    def record(self, iteration: int, seconds: float, loss: float, lr: float, grad_norm,
+    def record(self, iteration: int, seconds: float, stats: dict, lr: float, grad_norm,
                loss_scale: float, skipped: bool, consumed_samples: int) -> None:
-        """One finished iteration (only the reporting rank keeps and writes anything)."""
+        """One finished iteration (only the reporting rank keeps and writes anything).
+        ``stats``: the step's ``{name: value}``, the objective's loss among them."""
         if not self.reporting:
             return
-        tokens = self.args.global_batch_size * self.args.seq_length
-        entry = {"iteration": iteration, "lm_loss": loss, "lr": lr,
-                 "grad_norm": None if grad_norm is None else float(grad_norm),
+        tokens = self.rows * self.args.seq_length
+        entry = {"iteration": iteration, self.loss_key: float("nan"),
+                 **{name.replace(" ", "_"): value for name, value in (stats or {}).items()},
+                 "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                  "loss_scale": loss_scale, "skipped": bool(skipped),
                  "consumed_samples": consumed_samples, "consumed_tokens": consumed_samples
-                 * self.args.seq_length, "iteration_time_s": seconds,
-                 "tokens_per_sec": tokens / seconds,
+                 * self.rows // self.args.global_batch_size * self.args.seq_length,
+                 "iteration_time_s": seconds, "tokens_per_sec": tokens / seconds,
                  "tflops_per_gpu": self.flops / seconds / self.world_size / 1e12,
                  "memory_gib": _memory_gib()}
+        self.extras = [name.replace(" ", "_") for name in (stats or {})
+                       if name != self.loss_name]
         self.window.append(entry)
         if self.metrics:
             self.metrics.write(json.dumps(entry) + "\n")
             self.metrics.flush()
         if self.tensorboard:
-            for key in ("lm_loss", "lr", "grad_norm", "loss_scale", "tokens_per_sec"):
+            for key in (self.loss_key, *self.extras, "lr", "grad_norm", "loss_scale",
+                        "tokens_per_sec"):
                 if entry[key] is not None:
                     self.tensorboard.add_scalar(f"train/{key}", entry[key], iteration)
         if iteration % self.args.log_interval == 0 or iteration == self.args.train_iters:
@@ -85,7 +98,7 @@ class TrainingLogger:
     def _print(self, iteration: int) -> None:
         w, self.window = self.window, []
         seconds = sum(e["iteration_time_s"] for e in w) / len(w)
-        losses = [e["lm_loss"] for e in w if not e["skipped"]]
+        losses = [e[self.loss_key] for e in w if not e["skipped"]]
         norms = [e["grad_norm"] for e in w if e["grad_norm"] is not None]
         last = w[-1]
         remaining = (self.args.train_iters - iteration) * seconds
@@ -93,31 +106,45 @@ class TrainingLogger:
                 f"{self.args.train_iters:8d} | consumed samples: {last['consumed_samples']:12d}"
                 f" | consumed tokens: {last['consumed_tokens']:14d} | elapsed time per "
                 f"iteration (ms): {seconds * 1000:.1f} | learning rate: {last['lr']:.6E} | "
-                f"global batch size: {self.args.global_batch_size:5d} | lm loss: "
+                f"global batch size: {self.args.global_batch_size:5d} | {self.loss_name}: "
                 + (f"{sum(losses) / len(losses):.6E} | " if losses else
                    f"- (every iteration skipped: the gradients overflowed, so the loss scale "
                    f"backs off) | "))
+        for key in self.extras:  # an objective's other figures (a reward model's accuracy)
+            values = [e[key] for e in w if not e["skipped"] and key in e]
+            if values:
+                line += f"{key.replace('_', ' ')}: {sum(values) / len(values):.4f} | "
         if norms:
             line += f"grad norm: {sum(norms) / len(norms):.3f} | "
         line += (f"loss scale: {last['loss_scale']:.1f} | number of skipped iterations: "
                  f"{sum(e['skipped'] for e in w):3d} | tokens/s: "
-                 f"{self.args.global_batch_size * self.args.seq_length / seconds:.1f} | "
+                 f"{self.rows * self.args.seq_length / seconds:.1f} | "
                  f"throughput per GPU (TFLOP/s/GPU): {self.flops / seconds / self.world_size / 1e12:.2f}"
                  f" | memory (GiB): {last['memory_gib']:.2f} | ETA: {_duration(remaining)}")
         print(line, flush=True)
 
-    def record_validation(self, iteration: int, loss: float) -> None:
+    def record_validation(self, iteration: int, stats: dict) -> None:
+        """``stats``: the validation ``{name: value}`` (:func:`loop.evaluate`)."""
         if not self.reporting:
             return
         import math
 
-        print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
-              f"lm loss PPL: {math.exp(min(loss, 50)):.6E}", flush=True)
+        loss = stats.get(self.loss_name, float("nan"))
+        line = f" validation loss at iteration {iteration} | {self.loss_name} value: {loss:.6E}"
+        if self.loss_name == "lm loss":
+            line += f" | lm loss PPL: {math.exp(min(loss, 50)):.6E}"
+        line += "".join(f" | {name}: {value:.4f}" for name, value in stats.items()
+                        if name != self.loss_name)
+        print(line, flush=True)
+        row = {"iteration": iteration, **{"valid_" + name.replace(" ", "_"): value
+                                          for name, value in stats.items()}}
         if self.metrics:
-            self.metrics.write(json.dumps({"iteration": iteration, "valid_lm_loss": loss}) + "\n")
+            self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
         if self.tensorboard:
-            self.tensorboard.add_scalar("valid/lm_loss", loss, iteration)
+            for key, value in row.items():
+                if key != "iteration":
+                    self.tensorboard.add_scalar(f"valid/{key[len('valid_'):]}", value, iteration)
 
     def close(self) -> None:
         for handle in (self.metrics, self.tensorboard):

@@ -36,6 +36,7 @@ class ModelPlan:
     tokenizer: object          # megatron_patch tokenizer or None
     tokenizer_dir: str | None  # copied into saved checkpoints
     meta: dict                 # megatron_patch.json of the checkpoints this run writes
+    fresh_params: tuple = ()   # parameters --load does not give (a new reward head)
 
 
 def _source_metadata(load: str | None) -> tuple[dict | None, str | None]:
@@ -168,10 +169,13 @@ def check_sequence_length(args, model_args) -> None:
                          f"shorten it (Megatron-LM refuses it too)")
 
 
-def plan_model(args) -> ModelPlan:
-    """Resolve family, shape, tokenizer and vocabulary for this run."""
+def plan_model(args, adjust=None) -> ModelPlan:
+    """Resolve family, shape, tokenizer and vocabulary for this run. ``adjust(model_args,
+    meta)`` changes the model an objective trains (a reward model's head) and returns the
+    parameters the --load checkpoint does not give."""
     meta, root = _source_metadata(args.load)
     family, model_args = _model_args(args, meta)
+    fresh = tuple(adjust(model_args, meta) or ()) if adjust else ()
     tokenizer, tokenizer_dir = _tokenizer(args, family, meta, root)
     vocab = _flag_vocab_size(args, tokenizer)
     if meta is None and vocab is not None:
@@ -200,7 +204,7 @@ def plan_model(args) -> ModelPlan:
         out_meta["tokenizer"]["type"] = tokenizer.tokenizer_type
     if tokenizer_dir and os.path.isfile(tokenizer_dir):  # a SentencePiece file: saved by name
         out_meta["tokenizer"]["path"] = os.path.join(TOKENIZER_DIR, os.path.basename(tokenizer_dir))
-    return ModelPlan(family, model_args, padded, tokenizer, tokenizer_dir, out_meta)
+    return ModelPlan(family, model_args, padded, tokenizer, tokenizer_dir, out_meta, fresh)
 
 
 def build_model(args, plan: ModelPlan):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from megatron_patch import compat
 from megatron_patch.training import arguments, checkpointing, model_setup, replicated_kv
-from megatron_patch.training.loop import configure_model, run_training
+from megatron_patch.training.loop import LanguageModelObjective, configure_model, run_training
 from megatron_patch.training.metrics import TrainingLogger, prepare_metrics_file
 
 
@@ -86,9 +86,10 @@ def _starting_point(args, data) -> str:
     own = args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
     if getattr(data, "RESUMES_OWN_SAVE_ONLY", False) and not own and not args.finetune:
         args.finetune = True
-        return (f"starting SFT from the weights of {args.load} (iteration {iteration} of another "
-                f"run): a new schedule and optimizer from iteration 0 (an SFT run resumes only "
-                f"from its own --save directory)")
+        run = getattr(data, "RUN_NAME", "SFT")
+        return (f"starting {run} from the weights of {args.load} (iteration {iteration} of "
+                f"another run): a new schedule and optimizer from iteration 0 (an {run} run "
+                f"resumes only from its own --save directory)")
     if args.finetune:
         return (f"starting from the weights of {args.load} (iteration {iteration}; --finetune: "
                 f"a new schedule and optimizer from iteration 0)")
@@ -110,7 +111,7 @@ def setup(args, data):
 
     init_num_microbatches_calculator(dist.get_rank(), None, args.global_batch_size,
                                      args.micro_batch_size, args.data_parallel_size)
-    plan = model_setup.plan_model(args)
+    plan = model_setup.plan_model(args, getattr(data, "adjust_model", None))
     datasets = data.build_datasets(args, plan)  # may set --train-iters (epochs), seq length
     model_setup.check_sequence_length(args, plan.model_args)
     replicated_kv.check(args, plan.model_args)
@@ -124,7 +125,12 @@ def setup(args, data):
     if payload is not None:
         checkpointing.load_resume_weights(args, model, payload)
     elif args.load:
-        checkpointing.load_weights(args, model)
+        checkpointing.load_weights(args, model, keep=plan.fresh_params)
+        if plan.fresh_params and dist.get_rank() == 0:
+            print(f"[megatron_patch] --load {args.load} gives no {', '.join(plan.fresh_params)} "
+                  f"(a language model's checkpoint: its output layer is not read); "
+                  f"{'it starts' if len(plan.fresh_params) == 1 else 'they start'} from the "
+                  f"init (normal, std --init-method-std)", flush=True)
     optimizer, scheduler = model_setup.build_optimizer(args, chunks)
     state = {"iteration": 0, "consumed_train_samples": 0}
     if payload is not None:
@@ -137,7 +143,10 @@ def setup(args, data):
 
 def train(args, data) -> int:
     """Run training. ``data`` has ``build_datasets(args, plan)`` and
-    ``make_iterators(args, datasets, consumed) -> (train_iter, make_valid_iter or None)``."""
+    ``make_iterators(args, datasets, consumed) -> (train_iter, make_valid_iter or None)``;
+    optionally ``objective`` (loop.LanguageModelObjective's interface) and
+    ``adjust_model(model_args, meta) -> parameters to leave as initialised`` (a reward model's
+    head on an SFT checkpoint)."""
     try:
         parts = setup(args, data)
     except (ValueError, FileNotFoundError) as err:
@@ -158,8 +167,9 @@ def train(args, data) -> int:
         note = prepare_metrics_file(args.metrics_file, state["iteration"])
         if note:
             print(f"[megatron_patch] {note}", flush=True)
+    objective = getattr(data, "objective", LanguageModelObjective)
     logger = TrainingLogger(args, plan.model_args, plan.padded_vocab_size,
-                            dist.get_world_size(), reporting)
+                            dist.get_world_size(), reporting, objective)
 
     def save(iteration):
         checkpointing.save_checkpoint(args, iteration, parts["model"], parts["optimizer"],
@@ -170,7 +180,7 @@ def train(args, data) -> int:
                   flush=True)
 
     run_training(args, state, parts["chunks"], parts["optimizer"], parts["scheduler"],
-                 train_iter, make_valid_iter, logger, save)
+                 train_iter, make_valid_iter, logger, save, objective)
     logger.close()
     compat.destroy_parallel()
     return 0

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Shared body of toolkits/model_checkpoints_convertor/<family>/model_convertor_huggingface_megatron.sh:
 # translates the seed's positional arguments into `python -m megatron_patch.convert` flags.
+# reward_model_convertor_megatron.sh runs it with MODEL_TYPE=reward (the source must be a reward
+# model: HF *ForSequenceClassification with one label, or a Megatron one with a scalar head).
 set -euo pipefail
 FAMILY=$1; shift
 usage() {
   cat >&2 <<USAGE
-usage: model_convertor_huggingface_megatron.sh MEGATRON_PATH SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP MG2HF [EXTRA_VOCAB_SIZE]
+usage: ${SCRIPT_NAME:-model_convertor_huggingface_megatron.sh} MEGATRON_PATH SOURCE_CKPT_PATH TARGET_CKPT_PATH TP PP MG2HF [EXTRA_VOCAB_SIZE]
   MEGATRON_PATH      Megatron-LM checkout whose megatron/core is used (put first on PYTHONPATH);
                      any other value (e.g. none) uses the installed megatron-core
   SOURCE_CKPT_PATH   HF directory (MG2HF=false) or Megatron checkpoint / its release dir (MG2HF=true)
@@ -14,6 +16,7 @@ usage: model_convertor_huggingface_megatron.sh MEGATRON_PATH SOURCE_CKPT_PATH TA
   MG2HF              false: HF -> Megatron;  true: Megatron -> HF
   EXTRA_VOCAB_SIZE   extra embedding rows (default 0)
   environment: CKPT_FORMAT=torch|torch_dist (default torch)
+               MODEL_TYPE=gpt|reward: what SOURCE_CKPT_PATH must hold (default: either)
                OVERWRITE=1 replaces a non-empty TARGET_CKPT_PATH (default 0: refuse it)
 USAGE
   [[ -n "${1:-}" ]] && echo "error: $1" >&2
@@ -41,6 +44,10 @@ fi
 flags=(--model-family "$FAMILY" --load "$SOURCE_CKPT_PATH" --save "$TARGET_CKPT_PATH")
 if [[ $OVERWRITE == 1 ]]; then
   flags+=(--overwrite)
+fi
+if [[ -n ${MODEL_TYPE:-} ]]; then
+  [[ $MODEL_TYPE == gpt || $MODEL_TYPE == reward ]] || usage "MODEL_TYPE must be gpt or reward, got '$MODEL_TYPE'"
+  flags+=(--model-type "$MODEL_TYPE")
 fi
 if [[ $MG2HF == true ]]; then
   flags+=(--megatron-to-hf)

@@ -1,0 +1,248 @@
+"""Reward-model training: preference pairs, the Bradley-Terry loss, scores read at explicit
+indices.
+
+Data: JSON / JSONL records ``{"prompt": str, "chosen": str, "rejected": str}`` (the response
+follows the prompt as written; BOS as the tokenizer starts texts, eod closes each side), or
+``{"chosen": [messages], "rejected": [messages]}`` (whole conversations, rendered with the
+tokenizer's chat template as SFT renders them; an optional ``"prompt": [messages]`` goes before
+both). An optional number ``"margin"`` per record asks ``r_chosen - r_rejected`` to exceed it.
+
+A sample is a pair; its micro-batch holds ``micro_batch_size`` chosen rows then as many
+rejected rows, right-padded to ``--seq-length``. Each row's score is read at its last token
+(the eod): the collate gives those positions as flat indices into the ``[rows x seq]`` scores,
+so padding (left or right) and the pad id never decide which score counts.
+
+Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, averaged over every pair of the
+global batch (megatron-core's per-token loss path with pairs as the tokens, so it is the same
+for any split into micro-batches and data-parallel ranks); logged with the accuracy
+(``r_chosen > r_rejected``) and the mean margin ``r_chosen - r_rejected``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+from megatron_patch.data.sft import bos_pieces, chat_pieces, encode_pieces, iter_json_records
+
+HEAD = "output_layer.weight"  # the reward model's scalar head (layers/reward_head.py)
+
+
+@dataclasses.dataclass
+class PairStats:
+    """What reading a pairs file kept, cut and dropped (nothing goes silently)."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0             # sides cut to --seq-length (their eod kept last)
+    dropped_identical: int = 0     # chosen = rejected after truncation: no preference left
+
+    def summary(self, path: str, length: int) -> str:
+        return (f"{path}: {self.read} pairs read, {self.kept} kept; {self.truncated} sides "
+                f"truncated to {length} tokens, {self.dropped_identical} pairs dropped (chosen "
+                f"= rejected after truncation)")
+
+
+def side_ids(prompt, response, tokenizer) -> np.ndarray:
+    """Token ids of one side of a pair, ending with eod."""
+    if isinstance(response, list):
+        messages = (prompt if isinstance(prompt, list) else []) + response
+        pieces = chat_pieces(messages, tokenizer)
+    else:
+        pieces = bos_pieces(tokenizer) + [(prompt or "", False), (response, True),
+                                          ([tokenizer.eod], True)]
+    ids, _ = encode_pieces(pieces, tokenizer)
+    return ids
+
+
+def _check_record(record) -> None:
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        raise ValueError("expected a preference record {prompt, chosen, rejected} or "
+                         "{chosen: [messages], rejected: [messages]}")
+    kinds = {type(record["chosen"]), type(record["rejected"])}
+    if kinds not in ({str}, {list}):
+        raise ValueError("'chosen' and 'rejected' must both be strings or both be message "
+                         "lists")
+    prompt = record.get("prompt")
+    if kinds == {str} and not isinstance(prompt, (str, type(None))):
+        raise ValueError("'prompt' must be a string when 'chosen' and 'rejected' are")
+    if not isinstance(record.get("margin", 0.0), (int, float)):
+        raise ValueError("'margin' must be a number")
+
+
+def fit(ids: np.ndarray, length: int, eod: int) -> tuple[np.ndarray, bool]:
+    """``ids`` cut to ``length`` tokens with the eod kept last (the score is read there)."""
+    if len(ids) <= length:
+        return ids, False
+    return np.concatenate([ids[:length - 1], [eod]]), True
+
+
+def encode_pairs(path: str, tokenizer, length: int) -> tuple[list[dict], PairStats]:
+    """Every pair of ``path`` as ``{"chosen", "rejected", "margin"}``; errors name file:line."""
+    pairs, stats = [], PairStats()
+    for where, record in iter_json_records(path):
+        stats.read += 1
+        try:
+            _check_record(record)
+            sides = [side_ids(record.get("prompt"), record[key], tokenizer)
+                     for key in ("chosen", "rejected")]
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        fitted = [fit(ids, length, tokenizer.eod) for ids in sides]
+        stats.truncated += sum(cut for _, cut in fitted)
+        (chosen, _), (rejected, _) = fitted
+        if np.array_equal(chosen, rejected):
+            stats.dropped_identical += 1
+            continue
+        pairs.append({"chosen": chosen.astype(np.int64), "rejected": rejected.astype(np.int64),
+                      "margin": float(record.get("margin", 0.0))})
+    stats.kept = len(pairs)
+    return pairs, stats
+
+
+def collate_pairs(items: list[dict], length: int, pad: int) -> dict:
+    """Chosen rows then rejected rows, right-padded to ``length``; ``chosen_index`` /
+    ``rejected_index``: each row's last token as a flat index into ``[rows x length]``."""
+    rows = [item["chosen"] for item in items] + [item["rejected"] for item in items]
+    tokens = torch.full((len(rows), length), pad, dtype=torch.long)
+    last = torch.empty(len(rows), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        tokens[row, :len(ids)] = torch.as_tensor(ids)
+        last[row] = row * length + len(ids) - 1
+    count = len(items)
+    return {"tokens": tokens, "position_ids": torch.arange(length).expand(len(rows), length),
+            "chosen_index": last[:count], "rejected_index": last[count:],
+            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32)}
+
+
+def pair_loss(chosen_index, rejected_index, margin, output: torch.Tensor):
+    """Bradley-Terry loss summed over the micro-batch's pairs, their count, and the figures
+    the log reports (``{name: [sum, count]}``)."""
+    scores = output.float().reshape(-1)
+    difference = scores[chosen_index] - scores[rejected_index]
+    losses = -torch.nn.functional.logsigmoid(difference - margin)
+    count = torch.tensor(difference.numel(), device=scores.device)
+    total = losses.sum()
+    pairs = count.float()
+    return total, count.to(torch.int), {
+        "rm loss": torch.stack([total.detach(), pairs]),
+        "accuracy": torch.stack([(difference > 0).float().sum().detach(), pairs]),
+        "margin": torch.stack([difference.sum().detach(), pairs])}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch of pairs through this pipeline stage: scores at every position."""
+    batch = next(data_iterator)
+    scores = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    return scores, functools.partial(pair_loss, batch["chosen_index"], batch["rejected_index"],
+                                     batch["margin"])
+
+
+class RewardObjective:
+    """loop.LanguageModelObjective's interface for pairs."""
+
+    loss_name = "rm loss"
+    rows_per_sample = 2
+    forward_step = staticmethod(forward_step)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, path: str, tokenizer, length: int):
+        self.path, self.pad = path, tokenizer.pad
+        self.pairs, self.stats = encode_pairs(path, tokenizer, length)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.pairs[index]
+
+
+def reward_arguments(parser) -> None:
+    g = parser.add_argument_group("reward-model data")
+    g.add_argument("--train-data", help="preference pairs, JSON / JSONL (module docstring of "
+                                        "megatron_patch.rlhf.reward)")
+    g.add_argument("--valid-data", help="same format; loss, accuracy and margin every "
+                                        "--eval-interval")
+    g.add_argument("--epochs", type=float, help="sets --train-iters from the number of pairs")
+
+
+class RewardData:
+    """Pairs, reshuffled per epoch, resumable at any pair; a run resumes only from its own
+    --save directory (another checkpoint, an SFT model's, gives it weights)."""
+
+    RESUMES_OWN_SAVE_ONLY = True
+    RUN_NAME = "reward-model training"
+    add_arguments = staticmethod(reward_arguments)
+    objective = RewardObjective
+
+    @staticmethod
+    def adjust_model(model_args, meta):
+        """The trunk of ``model_args`` under a scalar head (never tied); a language model's
+        checkpoint gives the trunk, the head starts from the init."""
+        if model_args.prefix_lm_ids:
+            raise ValueError("reward models of the GLM prefix-LM models (ChatGLM-6B, GLM-130B) "
+                             "are not supported: their score position depends on the prompt's "
+                             "[gMASK] layout")
+        fresh = () if model_args.reward_head else (HEAD,)
+        model_args.reward_head, model_args.tie_embeddings = True, False
+        return fresh
+
+    @staticmethod
+    def build_datasets(args, plan):
+        if not args.train_data:
+            raise ValueError("--train-data is required: a JSON / JSONL file of preference "
+                             "pairs")
+        if plan.tokenizer is None:
+            raise ValueError("reward-model training needs a tokenizer: give --tokenizer-type/"
+                             "--tokenizer-model or --load a checkpoint that carries one")
+        args.calculate_per_token_loss = True  # pairs are the tokens: a global per-pair mean
+        datasets = []
+        for path in (args.train_data, args.valid_data):
+            if path is None:
+                datasets.append(None)
+                continue
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"reward data {path!r}: no such file")
+            dataset = PairDataset(path, plan.tokenizer, args.seq_length)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"[megatron_patch] {dataset.stats.summary(path, args.seq_length)}",
+                      flush=True)
+            datasets.append(dataset)
+        train, valid = datasets
+        if len(train) == 0:
+            raise ValueError(f"--train-data {args.train_data}: no pair is left (see the counts "
+                             f"above)")
+        if args.epochs and args.train_iters:
+            raise ValueError("give --epochs or --train-iters, not both")
+        if args.train_iters is None and args.epochs:
+            args.train_iters = max(1, math.floor(args.epochs * len(train)
+                                                 / args.global_batch_size))
+        return train, valid
+
+    @staticmethod
+    def make_iterators(args, datasets, consumed: int):
+        from megatron.core import parallel_state as ps
+
+        from megatron_patch.training.data import EpochOrder, MicroBatchSampler, micro_batches
+
+        train, valid = datasets
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        pad = getattr(train, "pad", None)
+        collate = functools.partial(collate_pairs, length=args.seq_length,
+                                    pad=pad if pad is not None else 0)
+
+        def batches(dataset, start, total):
+            sampler = MicroBatchSampler(total, start, args.micro_batch_size, dp_rank, dp,
+                                        EpochOrder(len(dataset), args.seed))
+            return micro_batches(dataset, sampler, args, collate)
+
+        make_valid = None
+        if valid is not None and len(valid) > 0:
+            evals = args.eval_iters * args.global_batch_size
+            make_valid = lambda: batches(valid, 0, evals)  # noqa: E731
+        return batches(train, consumed, args.train_iters * args.global_batch_size), make_valid
