@@ -194,55 +194,63 @@ class RewardData:
 
     @staticmethod
     def build_datasets(args, plan):
-        if not args.train_data:
-            raise ValueError("--train-data is required: a JSON / JSONL file of preference "
-                             "pairs")
-        if plan.tokenizer is None:
-            raise ValueError("reward-model training needs a tokenizer: give --tokenizer-type/"
-                             "--tokenizer-model or --load a checkpoint that carries one")
-        args.calculate_per_token_loss = True  # pairs are the tokens: a global per-pair mean
-        datasets = []
-        for path in (args.train_data, args.valid_data):
-            if path is None:
-                datasets.append(None)
-                continue
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"reward data {path!r}: no such file")
-            dataset = PairDataset(path, plan.tokenizer, args.seq_length)
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"[megatron_patch] {dataset.stats.summary(path, args.seq_length)}",
-                      flush=True)
-            datasets.append(dataset)
-        train, valid = datasets
-        if len(train) == 0:
-            raise ValueError(f"--train-data {args.train_data}: no pair is left (see the counts "
-                             f"above)")
-        if args.epochs and args.train_iters:
-            raise ValueError("give --epochs or --train-iters, not both")
-        if args.train_iters is None and args.epochs:
-            args.train_iters = max(1, math.floor(args.epochs * len(train)
-                                                 / args.global_batch_size))
-        return train, valid
+        return check_pair_args(args, plan, PairDataset)
 
     @staticmethod
     def make_iterators(args, datasets, consumed: int):
-        from megatron.core import parallel_state as ps
+        return pair_iterators(args, datasets, consumed, collate_pairs)
 
-        from megatron_patch.training.data import EpochOrder, MicroBatchSampler, micro_batches
 
-        train, valid = datasets
-        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        pad = getattr(train, "pad", None)
-        collate = functools.partial(collate_pairs, length=args.seq_length,
-                                    pad=pad if pad is not None else 0)
+def check_pair_args(args, plan, dataset_class) -> tuple:
+    """(train, valid or None) datasets of pairs; --epochs sets --train-iters."""
+    if not args.train_data:
+        raise ValueError("--train-data is required: a JSON / JSONL file of preference pairs")
+    if plan.tokenizer is None:
+        raise ValueError("training on preference pairs needs a tokenizer: give --tokenizer-type/"
+                         "--tokenizer-model or --load a checkpoint that carries one")
+    args.calculate_per_token_loss = True  # pairs are the tokens: a global per-pair mean
+    datasets = []
+    for path in (args.train_data, args.valid_data):
+        if path is None:
+            datasets.append(None)
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"preference data {path!r}: no such file")
+        dataset = dataset_class(path, plan.tokenizer, args.seq_length)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[megatron_patch] {dataset.stats.summary(path, args.seq_length)}", flush=True)
+        datasets.append(dataset)
+    train, valid = datasets
+    if len(train) == 0:
+        raise ValueError(f"--train-data {args.train_data}: no pair is left (see the counts "
+                         f"above)")
+    if args.epochs and args.train_iters:
+        raise ValueError("give --epochs or --train-iters, not both")
+    if args.train_iters is None and args.epochs:
+        args.train_iters = max(1, math.floor(args.epochs * len(train) / args.global_batch_size))
+    return train, valid
 
-        def batches(dataset, start, total):
-            sampler = MicroBatchSampler(total, start, args.micro_batch_size, dp_rank, dp,
-                                        EpochOrder(len(dataset), args.seed))
-            return micro_batches(dataset, sampler, args, collate)
 
-        make_valid = None
-        if valid is not None and len(valid) > 0:
-            evals = args.eval_iters * args.global_batch_size
-            make_valid = lambda: batches(valid, 0, evals)  # noqa: E731
-        return batches(train, consumed, args.train_iters * args.global_batch_size), make_valid
+def pair_batches(args, dataset, total: int, start: int = 0, collate=None):
+    """This data-parallel rank's micro-batches of ``dataset`` pairs ``start``..``total``
+    (epochs reshuffled with --seed)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.training.data import EpochOrder, MicroBatchSampler, micro_batches
+
+    sampler = MicroBatchSampler(total, start, args.micro_batch_size,
+                                ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                                EpochOrder(len(dataset), args.seed))
+    pad = dataset.pad if dataset.pad is not None else 0
+    return micro_batches(dataset, sampler, args,
+                         functools.partial(collate, length=args.seq_length, pad=pad))
+
+
+def pair_iterators(args, datasets, consumed: int, collate):
+    train, valid = datasets
+    make_valid = None
+    if valid is not None and len(valid) > 0:
+        evals = args.eval_iters * args.global_batch_size
+        make_valid = lambda: pair_batches(args, valid, evals, collate=collate)  # noqa: E731
+    total = args.train_iters * args.global_batch_size
+    return pair_batches(args, train, total, consumed, collate), make_valid

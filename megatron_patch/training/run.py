@@ -137,16 +137,20 @@ def setup(args, data):
         state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))
     config = configure_model(chunks, optimizer, args)
     replicated_kv.install(chunks, optimizer, plan.model_args.num_query_groups, config)
-    return dict(plan=plan, chunks=chunks, model=model, optimizer=optimizer,
-                scheduler=scheduler, state=state, datasets=datasets)
+    parts = dict(plan=plan, chunks=chunks, model=model, optimizer=optimizer,
+                 scheduler=scheduler, state=state, datasets=datasets)
+    if hasattr(data, "before_training"):  # DPO: the reference's log-probabilities
+        data.before_training(args, parts, resumed=payload is not None)
+    return parts
 
 
 def train(args, data) -> int:
     """Run training. ``data`` has ``build_datasets(args, plan)`` and
     ``make_iterators(args, datasets, consumed) -> (train_iter, make_valid_iter or None)``;
-    optionally ``objective`` (loop.LanguageModelObjective's interface) and
+    optionally ``objective`` (loop.LanguageModelObjective's interface),
     ``adjust_model(model_args, meta) -> parameters to leave as initialised`` (a reward model's
-    head on an SFT checkpoint)."""
+    head on an SFT checkpoint) and ``before_training(args, parts, resumed)`` (DPO's reference
+    pass)."""
     try:
         parts = setup(args, data)
     except (ValueError, FileNotFoundError) as err:
