@@ -299,3 +299,33 @@ def test_seed_reward_model_convertor_wrapper(reward_models, tmp_path):
     assert refused.returncode == 2 and not (tmp_path / "lm-mg").exists()
     assert "--model-type reward: --load" in refused.stderr
     assert "holds a language model (LlamaForCausalLM)" in refused.stderr
+
+
+def test_sft_rm_model_prepare_writes_the_four_roles(reward_models, tmp_path):
+    """toolkits/rlhf/sft_rm_model_prepare.sh: HF reward and SFT models -> rw_pred / rw_train /
+    sft_pred / sft_train (TP 2, the train copies also PP 2); sources swapped or missing, or a
+    wrong number of arguments, are refused with the usage."""
+    import subprocess
+
+    script = os.path.join(REPO, "toolkits", "rlhf", "sft_rm_model_prepare.sh")
+    rm = str(reward_models["llama"] / "hf")
+    sft = save_tiny_hf("llama", str(tmp_path / "sft"), vocab_size=VOCAB)
+
+    def prepare(*args, **env):
+        return subprocess.run(["bash", script, *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHON": sys.executable, **env})
+
+    done = prepare(rm, sft, tmp_path / "rm", tmp_path / "policy", TP="2", PP="2")
+    assert done.returncode == 0, done.stderr
+    for role, reward, pp in (("rm/rw_pred", True, 1), ("rm/rw_train", True, 2),
+                             ("policy/sft_pred", False, 1), ("policy/sft_train", False, 2)):
+        meta = json.loads((tmp_path / role / "megatron_patch.json").read_text())
+        assert meta["model_args"]["reward_head"] is reward, role
+        assert (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]) == \
+            (2, pp), role
+    swapped = prepare(sft, rm, tmp_path / "a", tmp_path / "b")
+    assert swapped.returncode == 2 and "SOURCE_RM_PATH" in swapped.stderr
+    assert "holds a language model; it must hold a reward model" in swapped.stderr
+    usage = prepare(rm, sft, tmp_path / "a")
+    assert usage.returncode == 2 and "usage: sft_rm_model_prepare.sh SOURCE_RM_PATH" in \
+        usage.stderr
