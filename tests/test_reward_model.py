@@ -169,6 +169,13 @@ def test_a_keyword_preference_is_learned_from_a_language_model(tmp_path):
     assert trained[30][2] > trained[1][2] + 1.0  # the mean margin, r_chosen - r_rejected
     meta = json.loads((tmp_path / "rm" / "megatron_patch.json").read_text())
     assert meta["model_args"]["reward_head"]
+    # to HF: a LlamaForSequenceClassification whose pad_token_id is the tokenizer's
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    engine.convert_megatron_to_hf(str(tmp_path / "rm"), str(tmp_path / "rm-hf"), progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm-hf"))
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.pad_token_id == AutoTokenizer.from_pretrained(hf).pad_token_id
 
 
 def test_scoring_cli_gives_hfs_scores(reward_models, tmp_path):

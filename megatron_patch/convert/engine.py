@@ -420,8 +420,27 @@ def convert_megatron_to_hf(load: str, save: str, family_name: str | None = None,
         report.tensors_read = len(reader.consumed)
         _consume_tied_output(reader, args)
         _check_all_consumed(reader.unconsumed(), load)
-        writer.finish(hf_config_for(family, hf_args, meta), tokenizer_dir(reader.root, meta))
+        config = hf_config_for(family, hf_args, meta)
+        if hf_args.reward_head and config.get("pad_token_id") is None:
+            _set_reward_pad(config, reader.root, meta, report)
+        writer.finish(config, tokenizer_dir(reader.root, meta))
     return meta
+
+
+def _set_reward_pad(config: dict, root: str, meta: dict, report: Report) -> None:
+    """transformers' sequence classifiers find each row's last token by ``pad_token_id`` (and
+    refuse batches of more than one row without it): a reward model trained from a language
+    model gets its tokenizer's pad id (its eos when it has no pad)."""
+    from megatron_patch.convert.vocab_rows import tokenizer_pad_id
+
+    pad = tokenizer_pad_id(root, meta)
+    if pad is None:
+        report.notes.append("config.json has no pad_token_id (no tokenizer to take it from): "
+                            "transformers scores one row at a time until it is set")
+        return
+    config["pad_token_id"] = pad
+    report.notes.append(f"set pad_token_id {pad} (the tokenizer's) in config.json, by which "
+                        f"transformers finds each sequence's last token")
 
 
 def _write_sat(save, overwrite, parts, bindings, fetch, dims, progress, report, reader, args,

@@ -46,6 +46,23 @@ def tokenizer_tokens(root: str, meta: dict) -> int | None:
                               f"tokens ({type(err).__name__}: {err})") from err
 
 
+def tokenizer_pad_id(root: str, meta: dict) -> int | None:
+    """The pad id (else eos) of the HF tokenizer a checkpoint carries, or None."""
+    carried = meta.get("tokenizer")
+    path = os.path.join(root, carried["path"]) if carried else None
+    if path is None or not os.path.isdir(path):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                  local_files_only=True)
+    except Exception:  # a tokenizer transformers cannot load (GLM's SentencePiece files)
+        return None
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+
+
 def hf_vocab_rows(vocab: int, extra: int, padded: int, tokens: int | None,
                   where: str) -> tuple[int, str | None]:
     """(rows the HF model keeps, a note for the summary or None). ``where``: the tokenizer's

@@ -171,13 +171,36 @@ def reward_arguments(parser) -> None:
     g.add_argument("--epochs", type=float, help="sets --train-iters from the number of pairs")
 
 
+class MockPairDataset(torch.utils.data.Dataset):
+    """--mock-data: random token pairs filling --seq-length (benchmarks), no tokenizer."""
+
+    def __init__(self, size: int, length: int, vocab: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.ids = rng.integers(1, vocab - 1, size=(size, 2, length), dtype=np.int64)
+        self.ids[:, :, -1] = vocab - 1  # an "eod" where the score is read
+        self.pad, self.path = 0, "--mock-data"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"chosen": self.ids[index, 0], "rejected": self.ids[index, 1], "margin": 0.0}
+
+
+def reward_model_arguments(parser) -> None:
+    reward_arguments(parser)
+    parser.add_argument("--mock-data", action="store_true",
+                        help="random pairs of --seq-length tokens instead of --train-data "
+                             "(throughput benchmarks)")
+
+
 class RewardData:
     """Pairs, reshuffled per epoch, resumable at any pair; a run resumes only from its own
     --save directory (another checkpoint, an SFT model's, gives it weights)."""
 
     RESUMES_OWN_SAVE_ONLY = True
     RUN_NAME = "reward-model training"
-    add_arguments = staticmethod(reward_arguments)
+    add_arguments = staticmethod(reward_model_arguments)
     objective = RewardObjective
 
     @staticmethod
@@ -194,6 +217,13 @@ class RewardData:
 
     @staticmethod
     def build_datasets(args, plan):
+        if args.mock_data:
+            args.calculate_per_token_loss = True
+            if args.train_iters is None:
+                raise ValueError("--mock-data needs --train-iters")
+            size = args.train_iters * args.global_batch_size
+            return MockPairDataset(size, args.seq_length, plan.model_args.vocab_size,
+                                   args.seed), None
         return check_pair_args(args, plan, PairDataset)
 
     @staticmethod

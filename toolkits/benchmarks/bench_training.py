@@ -16,6 +16,11 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
     python toolkits/benchmarks/bench_training.py --family bloom --size 1b1
     python toolkits/benchmarks/bench_training.py --family falcon --size 7b --num-layers 16
 
+``--reward``: a reward model instead (python -m megatron_patch.reward_model --mock-data: pairs
+of random sequences, the scalar head, the Bradley-Terry loss) against HF's
+``*ForSequenceClassification`` on the same rows; ``--micro-batch-size`` counts sequences (two
+make a pair), so every stack trains on the same tokens per step.
+
 With ``--family F --size S`` the shape is that family's sizes row (``--num-layers`` fewer
 layers when memory demands) and the HF model is the family's own transformers class, built
 from the config.json our converter would write for it (sdpa attention).
@@ -44,17 +49,18 @@ def model_args(shape: dict, opts):
     from megatron_patch.families.base import ModelArgs
     from megatron_patch.registry import get_family
 
+    reward = {"reward_head": True} if opts.reward else {}
     if opts.family:
         overrides = {"num_layers": opts.num_layers} if opts.num_layers else {}
-        return get_family(opts.family).args_for_size(opts.size, **overrides)
-    return ModelArgs(family="llama", **shape)
+        return get_family(opts.family).args_for_size(opts.size, **overrides, **reward)
+    return ModelArgs(family="llama", **shape, **reward)
 
 
 def megatron_flops(args, batch: int, seq: int) -> float:
     """Megatron-LM's FLOPs per iteration (the trainer's own formula)."""
     from megatron_patch.training.metrics import flops_per_iteration
 
-    return flops_per_iteration(args, batch, seq, args.vocab_size)
+    return flops_per_iteration(args, batch, seq, 1 if args.reward_head else args.vocab_size)
 
 
 def run_ours(shape, opts, extra: list[str]) -> dict:
@@ -66,9 +72,13 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
                 ["--num-layers", str(opts.num_layers)] if opts.num_layers else [])
         else:
             model = ["--model-family", "llama", "--model-size", "1B" if not opts.tiny else "tiny"]
+        entry, batch = "megatron_patch.pretrain", opts.micro_batch_size
+        if opts.reward:  # pairs: half as many samples, two sequences each
+            entry, batch = "megatron_patch.reward_model", opts.micro_batch_size // 2
+            extra = [*extra, "--global-batch-size", str(batch)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-               "--master-port=29517", "-m", "megatron_patch.pretrain", *model,
-               "--mock-data", "--micro-batch-size", str(opts.micro_batch_size),
+               "--master-port=29517", "-m", entry, *model,
+               "--mock-data", "--micro-batch-size", str(batch),
                "--seq-length", str(opts.seq_length), "--lr", "1e-4",
                "--train-iters", str(opts.steps), "--eval-iters", "0",
                "--log-interval", str(opts.steps), "--metrics-file", metrics] + extra
@@ -77,20 +87,30 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             return {"error": proc.stderr[-2000:]}
-        rows = [json.loads(line) for line in open(metrics) if "lm_loss" in line]
+        key = "rm_loss" if opts.reward else "lm_loss"
+        rows = [json.loads(line) for line in open(metrics) if key in line]
     rows = rows[opts.warmup:]
     seconds = statistics.median(r["iteration_time_s"] for r in rows)
     return {"tokens_per_sec": opts.micro_batch_size * opts.seq_length / seconds,
             "seconds": seconds, "peak_gib": max(r["memory_gib"] for r in rows),
-            "loss": rows[-1]["lm_loss"]}
+            "loss": rows[-1][key]}
 
 
 def run_hf(shape, opts, compiled: bool) -> dict:
     """The HF model's training steps in this process (LlamaForCausalLM, or --family's class)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (AutoConfig, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if opts.family:
+    if opts.reward:
+        from megatron_patch.registry import get_family
+
+        fields = get_family(opts.family or "llama").hf_config_from_args(model_args(shape, opts))
+        config = AutoConfig.for_model(**fields, pad_token_id=0)
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+        print(f"hf: {type(model).__name__}", flush=True)
+        model = model.to(device)
+    elif opts.family:
         from megatron_patch.registry import get_family
 
         from megatron_patch.families.chatglm import transformers_layout
@@ -114,7 +134,7 @@ def run_hf(shape, opts, compiled: bool) -> dict:
         model = LlamaForCausalLM(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compiled else model
-    ids = torch.randint(0, model.config.vocab_size, (opts.micro_batch_size, opts.seq_length),
+    ids = torch.randint(1, model.config.vocab_size, (opts.micro_batch_size, opts.seq_length),
                         device=device)
     times = []
     if device == "cuda":
@@ -122,7 +142,12 @@ def run_hf(shape, opts, compiled: bool) -> dict:
     for _ in range(opts.steps):
         start = time.time()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=not opts.tiny):
-            loss = step_model(input_ids=ids, labels=ids).loss
+            if opts.reward:  # rows [chosen..., rejected...], no padding: the last token scores
+                scores = step_model(input_ids=ids).logits.float()[:, 0]
+                half = scores.numel() // 2
+                loss = -torch.nn.functional.logsigmoid(scores[:half] - scores[half:]).mean()
+            else:
+                loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -150,6 +175,9 @@ def main(argv=None) -> int:
     parser.add_argument("--family", help="a registered family (default: llama's 1B shape)")
     parser.add_argument("--size", help="--family's sizes row, e.g. bloom 1b1, falcon 7b")
     parser.add_argument("--num-layers", type=int, help="with --family: fewer layers than the row")
+    parser.add_argument("--reward", action="store_true",
+                        help="a reward model (scalar head, pairwise loss) against HF's "
+                             "*ForSequenceClassification")
     opts = parser.parse_args(argv)
     if opts.family and not opts.size:
         parser.error("--family needs --size (a row of its sizes table)")
