@@ -127,3 +127,21 @@ def test_resume_is_exact_and_the_margin_grows(models, tmp_path):
     keys = ("dpo_loss", "accuracy", "margin", "grad_norm")
     assert {i: [r[k] for k in keys] for i, r in resumed.items()} == \
         {i: [r[k] for k in keys] for i, r in straight.items()}
+
+
+def test_collated_batches_can_be_pinned():
+    """The DataLoader pins batches on a GPU (pin_memory copies into empty_like(t), keeping its
+    strides): no tensor of a pair batch may broadcast a stride-0 dimension (an expand()ed
+    arange did, and failed on the H200)."""
+    import numpy as np
+
+    from megatron_patch.rlhf.dpo import collate_dpo
+    from megatron_patch.rlhf.reward import collate_pairs
+
+    item = {"chosen": np.array([5, 6, 2]), "rejected": np.array([5, 7, 8, 2]), "margin": 0.0,
+            "chosen_mask": np.array([0, 1, 1], dtype=np.uint8),
+            "rejected_mask": np.array([0, 1, 1, 1], dtype=np.uint8), "index": 0,
+            "reference": torch.zeros(2, dtype=torch.float64)}
+    for batch in (collate_pairs([item, item], 8, 0), collate_dpo([item, item], 8, 0)):
+        for name, tensor in batch.items():
+            assert 0 not in tensor.stride() or tensor.numel() <= 1, name

@@ -100,7 +100,7 @@ def collate_dpo(items: list[dict], length: int, pad: int) -> dict:
         loss_mask[row, :n - 1] = torch.as_tensor(mask[1:], dtype=torch.float32)
     reference = torch.stack([item["reference"] for item in items]).float()
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-            "position_ids": torch.arange(length).expand(len(rows), length),
+            "position_ids": torch.arange(length).repeat(len(rows), 1),
             "index": torch.tensor([item["index"] for item in items]),
             "reference": reference}
 

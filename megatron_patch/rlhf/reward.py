@@ -114,7 +114,7 @@ def collate_pairs(items: list[dict], length: int, pad: int) -> dict:
         tokens[row, :len(ids)] = torch.as_tensor(ids)
         last[row] = row * length + len(ids) - 1
     count = len(items)
-    return {"tokens": tokens, "position_ids": torch.arange(length).expand(len(rows), length),
+    return {"tokens": tokens, "position_ids": torch.arange(length).repeat(len(rows), 1),
             "chosen_index": last[:count], "rejected_index": last[count:],
             "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32)}
 
