@@ -128,14 +128,17 @@ def hf_pair_loss(hf_dir, data, pairs: int) -> float:
 
 def test_first_loss_equals_transformers_and_resume_is_exact(reward_models, tmp_path):
     """Iteration 1's loss (before any update) at TP1 and TP2 x PP2 = transformers' over the
-    same 8 pairs (one global batch: the whole file, so its shuffle cannot matter); a run
-    stopped at 2 and resumed = the straight run, grad norms too."""
+    same 8 pairs (one global batch: the whole file, so its shuffle cannot matter), and the
+    later iterations agree too, with TP2 x PP2 under sequence parallelism (the head gathers
+    the sequence) and 2 micro-batches of 4 pairs against TP1's 4 of 2; a run stopped at 2 and
+    resumed = the straight run, grad norms too."""
     root = reward_models["llama"]
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
     expected = hf_pair_loss(str(root / "hf"), data, 8)
     straight, _ = train_rm(root / "tp1", data, tmp_path / "straight.jsonl")
     wide, _ = train_rm(root / "wide", data, tmp_path / "wide.jsonl", "--tensor-model-parallel-size",
-                       "2", "--pipeline-model-parallel-size", "2", nproc=4)
+                       "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+                       "--micro-batch-size", "4", nproc=4)
     assert straight[1][0] == pytest.approx(expected, abs=1e-5)
     assert wide[1][0] == pytest.approx(expected, abs=1e-5)
     for iteration in straight:
