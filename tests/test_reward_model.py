@@ -17,7 +17,10 @@ from helpers import REPO, run_python, run_torchrun, save_tiny_hf, train_tiny_tok
 from megatron_patch.convert import engine
 
 VOCAB, PAD = 300, 299
-RM_FAMILIES = ["llama", "bloom", "falcon", "galactica"]  # bloom, OPT: tied embeddings in config
+# bloom, OPT: tied embeddings in their configs; chatglm: transformers' glm and glm4 layouts
+RM_CASES = [("llama", "tiny"), ("bloom", "tiny"), ("falcon", "tiny"), ("galactica", "tiny"),
+            ("chatglm", "tiny"), ("chatglm", "tiny-glm4")]
+RM_FAMILIES = [f"{name}-{size}" if size != "tiny" else name for name, size in RM_CASES]
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +28,9 @@ def reward_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     tokenizer = train_tiny_tokenizer(str(root / "tokenizer"), vocab_size=280)
     made = {}
-    for name in RM_FAMILIES:
-        hf = save_tiny_hf(name, str(root / name / "hf"), vocab_size=VOCAB, qk_scale=10.0,
-                          reward_head=True, hf_extra={"pad_token_id": PAD})
+    for (family, size), name in zip(RM_CASES, RM_FAMILIES):
+        hf = save_tiny_hf(family, str(root / name / "hf"), size=size, vocab_size=VOCAB,
+                          qk_scale=10.0, reward_head=True, hf_extra={"pad_token_id": PAD})
         if name == "llama":
             for file in os.listdir(tokenizer):
                 shutil.copy(os.path.join(tokenizer, file), hf)
@@ -339,3 +342,19 @@ def test_sft_rm_model_prepare_writes_the_four_roles(reward_models, tmp_path):
     usage = prepare(rm, sft, tmp_path / "a")
     assert usage.returncode == 2 and "usage: sft_rm_model_prepare.sh SOURCE_RM_PATH" in \
         usage.stderr
+
+
+def test_reward_models_without_a_transformers_class_are_refused():
+    from megatron_patch.registry import get_family
+
+    chatglm = get_family("chatglm")
+    with pytest.raises(ValueError, match="chatglm2 layout is remote code"):
+        chatglm.hf_config_from_args(chatglm.args_for_size("tiny-chatglm2", reward_head=True))
+    glm130b = get_family("glm130b")
+    with pytest.raises(ValueError, match="glm130b has no transformers sequence-classification"):
+        glm130b.hf_config_from_args(glm130b.args_for_size("tiny", reward_head=True))
+    bad = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "a", "1": "b"}}
+    from megatron_patch.families.base import is_reward_config
+
+    with pytest.raises(ValueError, match="with 2 labels is a classifier"):
+        is_reward_config(bad, "x/config.json")

@@ -192,13 +192,19 @@ class Family:
                              "its reward models cannot be written as HF checkpoints")
         written = self.write_config(args)
         if written is not None:
+            if args.reward_head:
+                raise ValueError(f"{self.name}'s {args.checkpoint_layout} layout is remote code "
+                                 "with no sequence-classification class: a reward model goes "
+                                 "to HF in transformers' own layout")
             return written
         config = {"architectures": [self.hf_architecture], "model_type": self.hf_model_types[0]}
         config.update(self.hf_fixed)
         config.update({f.hf: getattr(args, f.megatron) for f in self.config_fields})
         config.update(self.write_extra(args))
-        if args.reward_head:
-            config.update(architectures=[self.hf_reward_architecture],
+        if args.reward_head:  # the layout's own class (chatglm: Glm or Glm4)
+            causal = config["architectures"][0]
+            config.update(architectures=[causal.replace("ForCausalLM",
+                                                        "ForSequenceClassification")],
                           id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return config
 

@@ -230,6 +230,9 @@ class DPOData:
         if args.beta <= 0:
             raise ValueError(f"--beta must be positive, got {args.beta}")
         DPOObjective.beta, DPOObjective.loss_type = args.beta, args.dpo_loss_type
+        if plan.model_args.prefix_lm_ids:
+            raise ValueError("DPO of the GLM prefix-LM models (ChatGLM-6B, GLM-130B) is not "
+                             "supported yet: their pairs need [gMASK] <sop> and prefix masks")
         if plan.model_args.reward_head:
             raise ValueError(f"--load {args.load}: a reward model; DPO trains a language model "
                              f"(an SFT checkpoint)")
