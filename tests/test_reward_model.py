@@ -109,7 +109,7 @@ def train_rm(load, data, metrics, *extra, nproc=1, iters=4):
             for row in rows if "rm_loss" in row}, proc
 
 
-def hf_pair_loss(hf_dir, data, pairs: int) -> float:
+def hf_pair_loss(hf_dir, data, pairs: int, length: int = 48) -> float:
     """transformers' LlamaForSequenceClassification on each side alone (our token ids):
     the mean of -log sigmoid(r_chosen - r_rejected) over the first ``pairs`` pairs."""
     from transformers import AutoModelForSequenceClassification
@@ -119,7 +119,7 @@ def hf_pair_loss(hf_dir, data, pairs: int) -> float:
 
     tokenizer = build_tokenizer("llamabpe", hf_dir)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)
-    encoded, _ = encode_pairs(data, tokenizer, 48)
+    encoded, _ = encode_pairs(data, tokenizer, length)
     losses = []
     with torch.no_grad():
         for pair in encoded[:pairs]:
@@ -358,3 +358,22 @@ def test_reward_models_without_a_transformers_class_are_refused():
 
     with pytest.raises(ValueError, match="with 2 labels is a classifier"):
         is_reward_config(bad, "x/config.json")
+
+
+def test_packed_pairs_give_each_pair_its_own_loss(reward_models, tmp_path):
+    """--packing: several pairs per sample (chosen sides in one row, rejected in another, each
+    side attending only to itself): the first loss over all pairs = transformers' on each side
+    alone."""
+    from megatron_patch.rlhf.reward import encode_pairs, pack_pairs
+    from megatron_patch.tokenizers import build_tokenizer
+
+    root = reward_models["llama"]
+    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
+    pairs, _ = encode_pairs(data, build_tokenizer("llamabpe", str(root / "hf")), 96)
+    packs = len(pack_pairs(pairs, 96))
+    assert packs < 8  # several pairs share a sample
+    rows, proc = train_rm(root / "tp1", data, tmp_path / "packed.jsonl", "--packing",
+                          "--seq-length", "96", "--micro-batch-size", "1",
+                          "--global-batch-size", str(packs), iters=1)
+    assert f"8 kept, packed into {packs} samples" in proc.stdout
+    assert rows[1][0] == pytest.approx(hf_pair_loss(str(root / "hf"), data, 8, 96), abs=1e-5)

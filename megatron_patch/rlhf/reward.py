@@ -12,6 +12,10 @@ rejected rows, right-padded to ``--seq-length``. Each row's score is read at its
 (the eod): the collate gives those positions as flat indices into the ``[rows x seq]`` scores,
 so padding (left or right) and the pad id never decide which score counts.
 
+With ``--packing`` a sample is a pack of consecutive pairs: their chosen sides share one row, their
+rejected sides another, each side with its own positions and attending only to itself, so every
+pair is scored as it would be alone.
+
 Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, averaged over every pair of the
 global batch (megatron-core's per-token loss path with pairs as the tokens, so it is the same
 for any split into micro-batches and data-parallel ranks); logged with the accuracy
@@ -40,11 +44,13 @@ class PairStats:
     kept: int = 0
     truncated: int = 0             # sides cut to --seq-length (their eod kept last)
     dropped_identical: int = 0     # chosen = rejected after truncation: no preference left
+    packs: int | None = None       # --packing: samples of several pairs each
 
     def summary(self, path: str, length: int) -> str:
-        return (f"{path}: {self.read} pairs read, {self.kept} kept; {self.truncated} sides "
-                f"truncated to {length} tokens, {self.dropped_identical} pairs dropped (chosen "
-                f"= rejected after truncation)")
+        packed = f", packed into {self.packs} samples" if self.packs is not None else ""
+        return (f"{path}: {self.read} pairs read, {self.kept} kept{packed}; {self.truncated} "
+                f"sides truncated to {length} tokens, {self.dropped_identical} pairs dropped "
+                f"(chosen = rejected after truncation)")
 
 
 def side_ids(prompt, response, tokenizer) -> np.ndarray:
@@ -104,19 +110,52 @@ def encode_pairs(path: str, tokenizer, length: int) -> tuple[list[dict], PairSta
     return pairs, stats
 
 
+def pack_pairs(pairs: list[dict], length: int) -> list[list[dict]]:
+    """Pairs in order, as many to a pack as fit: a pack's chosen sides share one row of
+    ``length`` tokens and its rejected sides another."""
+    packs, used = [], None
+    for pair in pairs:
+        sizes = (len(pair["chosen"]), len(pair["rejected"]))
+        if used is None or used[0] + sizes[0] > length or used[1] + sizes[1] > length:
+            packs.append([])
+            used = (0, 0)
+        packs[-1].append(pair)
+        used = (used[0] + sizes[0], used[1] + sizes[1])
+    return packs
+
+
 def collate_pairs(items: list[dict], length: int, pad: int) -> dict:
     """Chosen rows then rejected rows, right-padded to ``length``; ``chosen_index`` /
-    ``rejected_index``: each row's last token as a flat index into ``[rows x length]``."""
-    rows = [item["chosen"] for item in items] + [item["rejected"] for item in items]
-    tokens = torch.full((len(rows), length), pad, dtype=torch.long)
-    last = torch.empty(len(rows), dtype=torch.long)
-    for row, ids in enumerate(rows):
-        tokens[row, :len(ids)] = torch.as_tensor(ids)
-        last[row] = row * length + len(ids) - 1
-    count = len(items)
-    return {"tokens": tokens, "position_ids": torch.arange(length).repeat(len(rows), 1),
-            "chosen_index": last[:count], "rejected_index": last[count:],
-            "margin": torch.tensor([item["margin"] for item in items], dtype=torch.float32)}
+    ``rejected_index``: each side's last token as a flat index into ``[rows x length]``, pair
+    by pair. An item is a pair, or a pack of them (``{"pairs": [...]}``): its sides follow one
+    another in their row, each with positions from 0 and attention only within itself."""
+    packs = [item["pairs"] if "pairs" in item else [item] for item in items]
+    rows = len(packs)
+    tokens = torch.full((2 * rows, length), pad, dtype=torch.long)
+    positions = torch.zeros(2 * rows, length, dtype=torch.long)
+    segments = torch.zeros(2 * rows, length, dtype=torch.long)
+    index = {"chosen": [], "rejected": []}
+    for offset, key in ((0, "chosen"), (rows, "rejected")):
+        for row, pack in enumerate(packs, offset):
+            start = 0
+            for segment, pair in enumerate(pack, 1):
+                ids = torch.as_tensor(pair[key])
+                end = start + len(ids)
+                tokens[row, start:end] = ids
+                positions[row, start:end] = torch.arange(len(ids))
+                segments[row, start:end] = segment
+                index[key].append(row * length + end - 1)
+                start = end
+    batch = {"tokens": tokens, "position_ids": positions,
+             "chosen_index": torch.tensor(index["chosen"]),
+             "rejected_index": torch.tensor(index["rejected"]),
+             "margin": torch.tensor([pair["margin"] for pack in packs for pair in pack],
+                                    dtype=torch.float32)}
+    if any(len(pack) > 1 for pack in packs):  # else causal attention is the same thing
+        from megatron_patch.data.sft_packing import build_attention_mask
+
+        batch["attention_mask"] = build_attention_mask(segments)
+    return batch
 
 
 def pair_loss(chosen_index, rejected_index, margin, output: torch.Tensor):
@@ -151,15 +190,20 @@ class RewardObjective:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, path: str, tokenizer, length: int):
+    """Pairs, or with ``packing`` packs of them (:func:`pack_pairs`: one sample each)."""
+
+    def __init__(self, path: str, tokenizer, length: int, packing: bool = False):
         self.path, self.pad = path, tokenizer.pad
         self.pairs, self.stats = encode_pairs(path, tokenizer, length)
+        self.packs = pack_pairs(self.pairs, length) if packing else None
+        if packing:
+            self.stats.packs = len(self.packs)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.packs) if self.packs is not None else len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
-        return self.pairs[index]
+        return {"pairs": self.packs[index]} if self.packs is not None else self.pairs[index]
 
 
 def reward_arguments(parser) -> None:
@@ -192,6 +236,10 @@ def reward_model_arguments(parser) -> None:
     parser.add_argument("--mock-data", action="store_true",
                         help="random pairs of --seq-length tokens instead of --train-data "
                              "(throughput benchmarks)")
+    parser.add_argument("--packing", action="store_true",
+                        help="several pairs per sample: their chosen sides share one row, their "
+                             "rejected sides another, each side attending only to itself "
+                             "(--micro-batch-size then counts packs)")
 
 
 class RewardData:
@@ -224,7 +272,8 @@ class RewardData:
             size = args.train_iters * args.global_batch_size
             return MockPairDataset(size, args.seq_length, plan.model_args.vocab_size,
                                    args.seed), None
-        return check_pair_args(args, plan, PairDataset)
+        return check_pair_args(args, plan, functools.partial(PairDataset,
+                                                              packing=args.packing))
 
     @staticmethod
     def make_iterators(args, datasets, consumed: int):
