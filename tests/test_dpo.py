@@ -61,12 +61,19 @@ def test_loss_formulas():
 
 
 def test_first_loss_is_ln2_when_policy_is_the_reference(models, tmp_path):
-    """(TP2 x PP2's log-probabilities are checked against transformers' below.)"""
-    data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
-    rows, proc = run_dpo(models / "policy" / "tp1", data, tmp_path / "tp1.jsonl", iters=1)
+    """At TP1, and at DP2 with the distributed optimizer, whose reference table is gathered
+    over the data-parallel ranks: the second iteration agrees too. (TP2 x PP2's
+    log-probabilities are checked against transformers' below.)"""
+    data = write_pairs(tmp_path / "pairs.jsonl", 16, seed=1)
+    rows, proc = run_dpo(models / "policy" / "tp1", data, tmp_path / "tp1.jsonl")
+    dp2, _ = run_dpo(models / "policy" / "tp1", data, tmp_path / "dp2.jsonl",
+                     "--use-distributed-optimizer", nproc=2)
     assert rows[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[1]["margin"] == pytest.approx(0, abs=1e-6)
-    assert "reference log-probabilities of 8 pairs" in proc.stdout
+    assert "reference log-probabilities of 16 pairs" in proc.stdout
+    for key in ("dpo_loss", "margin", "accuracy"):
+        assert dp2[1][key] == pytest.approx(rows[1][key], abs=1e-6)
+        assert dp2[2][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
 
 
 def hf_logps(hf_dir, pairs, side):

@@ -377,3 +377,26 @@ def test_packed_pairs_give_each_pair_its_own_loss(reward_models, tmp_path):
                           "--global-batch-size", str(packs), iters=1)
     assert f"8 kept, packed into {packs} samples" in proc.stdout
     assert rows[1][0] == pytest.approx(hf_pair_loss(str(root / "hf"), data, 8, 96), abs=1e-5)
+
+
+def test_chat_pairs_render_through_the_chat_pieces(reward_models, tmp_path):
+    """{prompt: [messages], chosen: [messages], rejected: [messages]}: each side is the whole
+    conversation as SFT renders it (shared prompt tokens first, eod last)."""
+    from megatron_patch.data.sft import chat_pieces, encode_pieces
+    from megatron_patch.rlhf.reward import encode_pairs
+    from megatron_patch.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("llamabpe", str(reward_models["llama"] / "hf"))
+    prompt = [{"role": "user", "content": "Name a file."}]
+    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "data.txt"}],
+              "rejected": [{"role": "assistant", "content": "no"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (pair,), stats = encode_pairs(str(path), tokenizer, 64)
+    for side in ("chosen", "rejected"):
+        expected, _ = encode_pieces(chat_pieces(prompt + record[side], tokenizer), tokenizer)
+        assert pair[side].tolist() == expected.tolist() and expected[-1] == tokenizer.eod
+    head, _ = encode_pieces(chat_pieces(prompt, tokenizer), tokenizer)
+    assert pair["chosen"][:len(head)].tolist() == head.tolist() == \
+        pair["rejected"][:len(head)].tolist()
+    assert stats.kept == 1
