@@ -42,9 +42,10 @@ MUTATIONS = (
              ("tests/test_training.py::test_resume_is_exact_across_layouts_and_precisions"
               "[tp2-bf16-dropout]",)),
     Mutation("loss-is-mean-of-micro-batch-means", "megatron_patch/training/loop.py",
-             "    total = torch.stack([x[\"lm loss\"] for x in losses]).sum(dim=0)",
-             "    total = torch.stack([torch.stack([x[\"lm loss\"][0] / x[\"lm loss\"][1], "
-             "torch.ones_like(x[\"lm loss\"][1])]) for x in losses]).sum(dim=0)",
+             "    total = torch.stack([torch.stack([out[name] for name in names]) "
+             "for out in outputs]).sum(0)",
+             "    total = torch.stack([torch.stack([torch.stack([out[name][0] / out[name][1], "
+             "torch.ones_like(out[name][1])]) for name in names]) for out in outputs]).sum(0)",
              ("tests/test_training.py::test_sft_loss_is_the_token_weighted_response_loss_of_hf"
               "[alpaca]",)),
     Mutation("static-cache-rotary-position-plus-one", "megatron_patch/generation/static_cache.py",
@@ -81,6 +82,14 @@ MUTATIONS = (
     Mutation("decode-attention-reads-one-key-short", "megatron_patch/kernels/decode_attention.py",
              "        in_range = s < end\n", "        in_range = s < end - 1\n",
              ("tests/test_kernels.py::test_decode_attention_equals_sdpa",)),
+    Mutation("reward-score-read-one-token-early", "megatron_patch/rlhf/reward.py",
+             "index[key].append(row * length + end - 1)",
+             "index[key].append(row * length + end - 2)",
+             ("tests/test_reward_model.py::test_packed_pairs_give_each_pair_its_own_loss",)),
+    Mutation("dpo-log-probs-include-the-prompt", "megatron_patch/rlhf/dpo.py",
+             "loss_mask[row, :n - 1] = torch.as_tensor(mask[1:], dtype=torch.float32)",
+             "loss_mask[row, :n - 1] = 1.0",
+             ("tests/test_dpo.py::test_loss_with_another_reference_equals_transformers",)),
 )
 
 
