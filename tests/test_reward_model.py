@@ -315,13 +315,13 @@ def test_seed_reward_model_convertor_wrapper(reward_models, tmp_path):
 
 
 def test_sft_rm_model_prepare_writes_the_four_roles(reward_models, tmp_path):
-    """toolkits/rlhf/sft_rm_model_prepare.sh: HF reward and SFT models -> rw_pred / rw_train /
-    sft_pred / sft_train (TP 2, the train copies also PP 2); sources swapped or missing, or a
-    wrong number of arguments, are refused with the usage."""
+    """toolkits/rlhf/sft_rm_model_prepare.sh: a Megatron reward model (resharded) and an HF SFT
+    model (converted) -> rw_pred / rw_train / sft_pred / sft_train (TP 2, the train copies also
+    PP 2); sources swapped, or a wrong number of arguments, are refused with the usage."""
     import subprocess
 
     script = os.path.join(REPO, "toolkits", "rlhf", "sft_rm_model_prepare.sh")
-    rm = str(reward_models["llama"] / "hf")
+    rm = str(reward_models["llama"] / "tp1")
     sft = save_tiny_hf("llama", str(tmp_path / "sft"), vocab_size=VOCAB)
 
     def prepare(*args, **env):
