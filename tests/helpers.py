@@ -136,3 +136,19 @@ def save_tiny_hf(family_name: str, output_dir: str, size: str = "tiny", seed: in
                 param.mul_(qk_scale)
     model.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
+
+
+def live_tiny_llama(root, vocab_size: int = 300, qk_scale: float = 5.0):
+    """A generator for a module-scoped fixture: a random tiny llama converted under ``root``
+    and loaded as a GPTModel in this process (TP1), parallel state torn down after."""
+    from megatron_patch import compat
+    from megatron_patch.convert import engine
+    from megatron_patch.generation.loading import load_model, open_checkpoint
+
+    save_tiny_hf("llama", str(root / "hf"), vocab_size=vocab_size, qk_scale=qk_scale)
+    engine.convert_hf_to_megatron(str(root / "hf"), str(root / "mg"), progress=False)
+    compat.initialize_parallel(1, 1)
+    try:
+        yield load_model(open_checkpoint(str(root / "mg")), 1)
+    finally:
+        compat.destroy_parallel()

@@ -4,8 +4,7 @@ loss and every gradient are the same for 1, 2 or 4 micro-batches."""
 import pytest
 import torch
 
-from helpers import save_tiny_hf
-from megatron_patch.convert import engine
+from helpers import live_tiny_llama
 from megatron_patch.rlhf import ppo_losses, ppo_math
 
 VOCAB = 300
@@ -41,19 +40,9 @@ def test_the_loss_functions_are_the_formulas():
 
 @pytest.fixture(scope="module")
 def actor(tmp_path_factory):
-    from megatron_patch import compat
-    from megatron_patch.generation.loading import load_model, open_checkpoint
-
-    root = tmp_path_factory.mktemp("ppo")
-    save_tiny_hf("llama", str(root / "hf"), vocab_size=VOCAB, qk_scale=5.0)
-    engine.convert_hf_to_megatron(str(root / "hf"), str(root / "mg"), progress=False)
-    compat.initialize_parallel(1, 1)
-    try:
-        model = load_model(open_checkpoint(str(root / "mg")), 1).train()
-        model.config.calculate_per_token_loss = True
+    for model in live_tiny_llama(tmp_path_factory.mktemp("ppo"), VOCAB):
+        model.train().config.calculate_per_token_loss = True
         yield model
-    finally:
-        compat.destroy_parallel()
 
 
 def test_actor_loss_and_gradients_do_not_depend_on_the_micro_batch_split(actor):

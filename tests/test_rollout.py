@@ -5,8 +5,7 @@ optimizer step on the same module too."""
 import pytest
 import torch
 
-from helpers import save_tiny_hf
-from megatron_patch.convert import engine
+from helpers import live_tiny_llama
 from megatron_patch.rlhf import ppo_math
 
 VOCAB = 300
@@ -14,17 +13,7 @@ VOCAB = 300
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from megatron_patch import compat
-    from megatron_patch.generation.loading import load_model, open_checkpoint
-
-    root = tmp_path_factory.mktemp("rollout")
-    save_tiny_hf("llama", str(root / "hf"), vocab_size=VOCAB, qk_scale=5.0)
-    engine.convert_hf_to_megatron(str(root / "hf"), str(root / "mg"), progress=False)
-    compat.initialize_parallel(1, 1)
-    try:
-        yield load_model(open_checkpoint(str(root / "mg")), 1)
-    finally:
-        compat.destroy_parallel()
+    yield from live_tiny_llama(tmp_path_factory.mktemp("rollout"), VOCAB)
 
 
 def test_generator_and_trainer_log_probs_agree_on_the_same_module(model):
