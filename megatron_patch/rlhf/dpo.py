@@ -23,50 +23,18 @@ import functools
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_patch.data.sft import bos_pieces, chat_pieces, encode_pieces, iter_json_records
-from megatron_patch.rlhf.reward import (PairStats, _check_record, check_pair_args, fit,
-                                        pair_batches, pair_iterators, reward_arguments)
+from megatron_patch.rlhf.reward import (PairStats, check_pair_args, encode_pairs, pair_batches,
+                                        pair_iterators, reward_arguments)
 
 REFERENCE_FILE = "dpo_reference.pt"
 
 
-def side(prompt, response, tokenizer, length: int):
-    """(ids, response mask) of one side, cut to ``length`` with its eod kept last."""
-    if isinstance(response, list):
-        pieces = chat_pieces((prompt if isinstance(prompt, list) else []) + response, tokenizer)
-    else:
-        pieces = bos_pieces(tokenizer) + [(prompt or "", False), (response, True),
-                                          ([tokenizer.eod], True)]
-    ids, mask = encode_pieces(pieces, tokenizer)
-    fitted, cut = fit(ids, length, tokenizer.eod)
-    if cut:
-        mask = np.concatenate([mask[:length - 1], [1]]).astype(np.uint8)
-    return fitted.astype(np.int64), mask, cut
-
-
 def encode_dpo_pairs(path: str, tokenizer, length: int) -> tuple[list[dict], PairStats]:
-    pairs, stats = [], PairStats()
-    for where, record in iter_json_records(path):
-        stats.read += 1
-        try:
-            _check_record(record)
-            sides = [side(record.get("prompt"), record[key], tokenizer, length)
-                     for key in ("chosen", "rejected")]
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        stats.truncated += sum(cut for *_, cut in sides)
-        (chosen, chosen_mask, _), (rejected, rejected_mask, _) = sides
-        if np.array_equal(chosen, rejected):
-            stats.dropped_identical += 1
-            continue
-        pairs.append({"chosen": chosen, "chosen_mask": chosen_mask, "rejected": rejected,
-                      "rejected_mask": rejected_mask})
-    stats.kept = len(pairs)
-    return pairs, stats
+    """rlhf/reward.py's pairs with each side's response mask."""
+    return encode_pairs(path, tokenizer, length, masks=True)
 
 
 class DPODataset(torch.utils.data.Dataset):

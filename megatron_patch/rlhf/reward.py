@@ -53,16 +53,20 @@ class PairStats:
                 f"(chosen = rejected after truncation)")
 
 
-def side_ids(prompt, response, tokenizer) -> np.ndarray:
-    """Token ids of one side of a pair, ending with eod."""
+def encode_side(prompt, response, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, response mask) of one side of a pair, ending with eod."""
     if isinstance(response, list):
         messages = (prompt if isinstance(prompt, list) else []) + response
         pieces = chat_pieces(messages, tokenizer)
     else:
         pieces = bos_pieces(tokenizer) + [(prompt or "", False), (response, True),
                                           ([tokenizer.eod], True)]
-    ids, _ = encode_pieces(pieces, tokenizer)
-    return ids
+    return encode_pieces(pieces, tokenizer)
+
+
+def side_ids(prompt, response, tokenizer) -> np.ndarray:
+    """Token ids of one side of a pair, ending with eod."""
+    return encode_side(prompt, response, tokenizer)[0]
 
 
 def _check_record(record) -> None:
@@ -87,25 +91,32 @@ def fit(ids: np.ndarray, length: int, eod: int) -> tuple[np.ndarray, bool]:
     return np.concatenate([ids[:length - 1], [eod]]), True
 
 
-def encode_pairs(path: str, tokenizer, length: int) -> tuple[list[dict], PairStats]:
-    """Every pair of ``path`` as ``{"chosen", "rejected", "margin"}``; errors name file:line."""
+def encode_pairs(path: str, tokenizer, length: int,
+                 masks: bool = False) -> tuple[list[dict], PairStats]:
+    """Every pair of ``path`` as ``{"chosen", "rejected", "margin"}`` (``masks``: also each
+    side's response mask, ``chosen_mask`` / ``rejected_mask``, for DPO); errors name
+    file:line."""
     pairs, stats = [], PairStats()
     for where, record in iter_json_records(path):
         stats.read += 1
         try:
             _check_record(record)
-            sides = [side_ids(record.get("prompt"), record[key], tokenizer)
+            sides = [encode_side(record.get("prompt"), record[key], tokenizer)
                      for key in ("chosen", "rejected")]
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        fitted = [fit(ids, length, tokenizer.eod) for ids in sides]
-        stats.truncated += sum(cut for _, cut in fitted)
-        (chosen, _), (rejected, _) = fitted
-        if np.array_equal(chosen, rejected):
+        pair = {"margin": float(record.get("margin", 0.0))}
+        for key, (ids, mask) in zip(("chosen", "rejected"), sides):
+            fitted, cut = fit(ids, length, tokenizer.eod)
+            stats.truncated += cut
+            pair[key] = fitted.astype(np.int64)
+            if masks:  # a cut side keeps its eod, which is a response token
+                pair[key + "_mask"] = np.concatenate([mask[:length - 1], [1]]).astype(
+                    np.uint8) if cut else mask
+        if np.array_equal(pair["chosen"], pair["rejected"]):
             stats.dropped_identical += 1
             continue
-        pairs.append({"chosen": chosen.astype(np.int64), "rejected": rejected.astype(np.int64),
-                      "margin": float(record.get("margin", 0.0))})
+        pairs.append(pair)
     stats.kept = len(pairs)
     return pairs, stats
 

@@ -93,6 +93,8 @@ def score_rows(model, rows: list[list[int]], pad: int, micro_batch_size: int) ->
 def run(opts) -> None:
     from megatron_patch.generation.loading import load_model, load_tokenizer, open_checkpoint
 
+    if not os.path.isfile(opts.input_file):
+        raise FileNotFoundError(f"--input-file {opts.input_file!r}: no such file")
     checkpoint = open_checkpoint(opts.load)
     if not checkpoint.args.reward_head:
         raise ValueError(f"--load {opts.load}: not a reward model (a language model's "
@@ -115,7 +117,8 @@ def run(opts) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     right = pairs = 0
-    with open(opts.output_file, "w", encoding="utf-8") as out:
+    tmp = f"{opts.output_file}.tmp"  # renamed when complete: no half-written output
+    with open(tmp, "w", encoding="utf-8") as out:
         for indices, is_pair in records:
             if is_pair:
                 chosen, rejected = (scores[i] for i in indices)
@@ -125,6 +128,7 @@ def run(opts) -> None:
                           + "\n")
             else:
                 out.write(json.dumps({"score": scores[indices[0]]}) + "\n")
+    os.replace(tmp, opts.output_file)
     log(f"[score] wrote {len(records)} records to {opts.output_file}"
         + (f"; accuracy {right / pairs:.4f} ({right} of {pairs} pairs score chosen > "
            f"rejected)" if pairs else ""))
