@@ -76,18 +76,36 @@ def test_first_loss_is_ln2_when_policy_is_the_reference(models, tmp_path):
         assert dp2[2][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
 
 
-def hf_logps(hf_dir, pairs, side):
-    """Sum of log p(response tokens) under transformers' LlamaForCausalLM, our ids."""
+def hf_sides(hf_dir, data):
+    """Each record's sides built with transformers' tokenizer alone: (ids, response-label mask)
+    for prompt + response + eos, the mask over the response and its eos."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    out = {"chosen": [], "rejected": []}
+    for line in open(data):
+        record = json.loads(line)
+        prompt = tokenizer(record["prompt"]).input_ids
+        for side in out:
+            response = tokenizer(record[side], add_special_tokens=False).input_ids + [
+                tokenizer.eos_token_id]
+            mask = [0] * (len(prompt) - 1) + [1] * len(response)  # labels of the response
+            out[side].append((prompt + response, mask))
+    return out
+
+
+def hf_logps(hf_dir, sides):
+    """Sum of log p(response tokens) under transformers' LlamaForCausalLM."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     out = []
     with torch.no_grad():
-        for pair in pairs:
-            ids, mask = torch.tensor([pair[side]]), torch.tensor(pair[side + "_mask"])
+        for ids, mask in sides:
+            ids = torch.tensor([ids])
             logps = torch.log_softmax(model(ids).logits[0, :-1], -1)
             token = logps.gather(1, ids[0, 1:, None])[:, 0]
-            out.append((token * mask[1:]).sum())
+            out.append((token * torch.tensor(mask, dtype=torch.float32)).sum())
     return torch.stack(out)
 
 
@@ -100,7 +118,10 @@ def test_loss_with_another_reference_equals_transformers(models, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=2)
     tokenizer = build_tokenizer("llamabpe", str(models / "policy" / "hf"))
     pairs, _ = encode_dpo_pairs(data, tokenizer, 64)
-    logps = {(m, s): hf_logps(str(models / m / "hf"), pairs, s)
+    sides = hf_sides(str(models / "policy" / "hf"), data)
+    for side in sides:  # the trainer's ids are transformers' (nothing truncated at 64)
+        assert [list(p[side]) for p in pairs] == [ids for ids, _ in sides[side]]
+    logps = {(m, s): hf_logps(str(models / m / "hf"), sides[s])
              for m in ("policy", "reference") for s in ("chosen", "rejected")}
     losses, good, bad = dpo_loss(logps["policy", "chosen"], logps["policy", "rejected"],
                                  logps["reference", "chosen"], logps["reference", "rejected"],

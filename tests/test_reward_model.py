@@ -120,6 +120,14 @@ def hf_pair_loss(hf_dir, data, pairs: int, length: int = 48) -> float:
     tokenizer = build_tokenizer("llamabpe", hf_dir)
     model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)
     encoded, _ = encode_pairs(data, tokenizer, length)
+    hf_tokenizer = tokenizer.hf_tokenizer
+    for pair, line in zip(encoded, open(data)):  # our ids = transformers' own tokenization
+        record = json.loads(line)
+        for side in ("chosen", "rejected"):
+            ids = (hf_tokenizer(record["prompt"]).input_ids + hf_tokenizer(
+                record[side], add_special_tokens=False).input_ids + [hf_tokenizer.eos_token_id])
+            if len(ids) <= length:
+                assert list(pair[side]) == ids
     losses = []
     with torch.no_grad():
         for pair in encoded[:pairs]:
