@@ -104,6 +104,19 @@ def allocate_static_cache(model, holder: CacheHolder, batch: int, max_length: in
     holder.allocation += 1
 
 
+def release_static_cache(model) -> None:
+    """Free the cache buffers of ``model`` (an RLHF run trains between rollouts); a backend
+    used afterwards allocates them again."""
+    holder = getattr(model, "_static_cache_holder", None)
+    if holder is None:
+        return
+    for layer in model.decoder.layers:
+        wrapper = layer.self_attention.core_attention
+        wrapper.cached_keys = wrapper.cached_values = None
+    holder.batch = 0
+    holder.allocation += 1
+
+
 def forward_with_rope(model, tokens, positions, rope, mask, run_layer=None) -> torch.Tensor:
     """``GPTModel.forward`` for inference with explicit rotary angles ``rope`` [s, b, 1, dim];
     returns the last position's logits [b, vocab], gathered over tensor-parallel ranks.

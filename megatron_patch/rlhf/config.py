@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 ROLES = ("ppo_policy", "policy", "reference", "reward_train", "reward_forward", "reward_ref")
 TRAINED = {"ppo_policy": "policy", "reward_train": "reward_forward"}  # trained -> its inference copy
@@ -38,11 +39,15 @@ MODEL_KEYS = {"model_config_file": str, "num_device": int, "gpu_per_process": in
 RLHF_DEFAULTS = {
     "colocation": None, "generation_batch_size": 2, "train_micro_batch_size": 2,
     "num_ppo_episode": 5, "sample_per_episode": 10, "num_training_epoch": 1,
+    "train_global_batch_size": None,  # samples per optimizer step (default: the episode's)
     "algorithm": "ppo",          # ppo | grpo
     "prompt_data": None,         # JSONL {prompt} or the SFT formats
-    "max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+    "prompt_format": None,       # raw | alpaca | chat (default: the actor checkpoint's)
+    "max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 0.0,
+    "inference_backend": "auto",  # the generation engine's backend (generate --help)
     "kl_coef": 0.02,             # beta of the k1 penalty in PPO's reward; GRPO's k3 loss weight
     "adaptive_kl_target": None,  # a KL target turns on the adaptive controller (PPO)
+    "adaptive_kl_horizon": 10000,
     "clip_eps": 0.2, "value_clip": 0.2, "gamma": 1.0, "lam": 0.95, "reward_clip": None,
     "whiten_advantages": True,
     "group_size": 4,             # GRPO: samples per prompt
@@ -52,6 +57,7 @@ RLHF_DEFAULTS = {
 # Megatron-LM pretraining-data arguments the seed's per-model files carry: accepted, unused.
 UNUSED_MEGATRON = {"data_path", "data_impl", "split", "vocab_file", "merge_file",
                    "distributed_backend"}
+PATH_KEYS = ("prompt_data", "save", "metrics_file")  # relative to runtime_env.working_dir
 SHARED_LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 
@@ -80,6 +86,36 @@ class RLHFConfig:
         return self.rlhf["algorithm"]
 
 
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+
+
+def expand_variables(value, path: str):
+    """ChatLearn's ``${NAME}`` / ``${NAME:default}`` in YAML strings: the environment variable,
+    else the default (a value that is one variable becomes a YAML scalar: ``${TP:1}`` -> 1);
+    an unset variable without a default is an error naming the file."""
+    import yaml
+
+    if isinstance(value, dict):
+        return {key: expand_variables(item, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(item, path) for item in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match):
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ValueError(f"{path}: ${{{name}}} is not set in the environment (give it, or "
+                             f"a default: ${{{name}:value}})")
+        return default
+
+    whole = _VARIABLE.fullmatch(value)
+    text = _VARIABLE.sub(substitute, value)
+    return yaml.safe_load(text) if whole and text.strip() else text
+
+
 def _load_yaml(path: str, what: str):
     import yaml
 
@@ -87,7 +123,7 @@ def _load_yaml(path: str, what: str):
         raise ValueError(f"{what} {path!r}: no such file")
     with open(path, encoding="utf-8") as handle:
         try:
-            return yaml.safe_load(handle)
+            return expand_variables(yaml.safe_load(handle), path)
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({err})") from None
 
@@ -150,6 +186,9 @@ def load_config(path: str) -> RLHFConfig:
     given = top.get("rlhf") or {}
     _unknown(path, "rlhf", given, RLHF_DEFAULTS)
     rlhf.update(given)
+    for key in PATH_KEYS:
+        if rlhf[key] and not os.path.isabs(rlhf[key]):
+            rlhf[key] = os.path.normpath(os.path.join(working_dir, rlhf[key]))
     if rlhf["algorithm"] not in ("ppo", "grpo"):
         raise ValueError(f"{path}: rlhf.algorithm must be ppo or grpo, got "
                          f"{rlhf['algorithm']!r}")

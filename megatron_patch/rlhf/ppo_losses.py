@@ -17,20 +17,26 @@ import torch
 from megatron_patch.rlhf import ppo_math
 
 
-def actor_loss(batch: dict, clip_eps: float, output: torch.Tensor):
-    """``output``: the actor's per-token cross-entropy of ``labels`` ([b, s])."""
+def actor_loss(batch: dict, clip_eps: float, output: torch.Tensor, kl_coef: float = 0.0):
+    """``output``: the actor's per-token cross-entropy of ``labels`` ([b, s]). ``kl_coef`` > 0
+    (GRPO) adds ``kl_coef * k3(logp, ref_logps)`` per token to the loss."""
     mask = batch["mask"].float()
     logps = -output.float()
-    total, clipped = ppo_math.policy_loss_sum(logps, batch["old_logps"], batch["advantages"],
-                                              mask, clip_eps)
+    policy, clipped = ppo_math.policy_loss_sum(logps, batch["old_logps"], batch["advantages"],
+                                               mask, clip_eps)
     tokens = mask.sum()
     log_ratio = (logps - batch["old_logps"]).detach() * mask
-    return total, tokens.to(torch.int), {
-        "policy loss": torch.stack([total.detach(), tokens]),
-        "clip fraction": torch.stack([clipped, tokens]),
-        # k3 estimate of KL(old || new) over the step's tokens
-        "approx kl": torch.stack([((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum(),
-                                  tokens])}
+    report = {"policy loss": torch.stack([policy.detach(), tokens]),
+              "clip fraction": torch.stack([clipped, tokens]),
+              # k3 estimate of KL(old || new) over the step's tokens
+              "approx kl": torch.stack([((torch.exp(log_ratio) - 1 - log_ratio) * mask).sum(),
+                                        tokens])}
+    total = policy
+    if kl_coef:
+        kl = (ppo_math.kl(logps, batch["ref_logps"], "k3") * mask).sum()
+        total = policy + kl_coef * kl
+        report["kl loss"] = torch.stack([kl.detach(), tokens])
+    return total, tokens.to(torch.int), report
 
 
 def critic_loss(batch: dict, value_clip: float | None, output: torch.Tensor):
@@ -43,13 +49,13 @@ def critic_loss(batch: dict, value_clip: float | None, output: torch.Tensor):
     return total, tokens.to(torch.int), {"value loss": torch.stack([total.detach(), tokens])}
 
 
-def actor_forward_step(clip_eps: float):
+def actor_forward_step(clip_eps: float, kl_coef: float = 0.0):
     """A megatron-core forward_step_func training the actor on experience micro-batches."""
     def step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                        labels=batch["labels"])
-        return output, functools.partial(actor_loss, batch, clip_eps)
+        return output, functools.partial(actor_loss, batch, clip_eps, kl_coef=kl_coef)
     return step
 
 

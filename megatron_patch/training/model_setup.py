@@ -209,9 +209,25 @@ def plan_model(args, adjust=None) -> ModelPlan:
 
 def build_model(args, plan: ModelPlan):
     """This rank's pipeline stage as a list of one DDP-wrapped chunk, plus the bare GPTModel."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
+
+    config, model = build_bare_model(args, plan)
+    wrapped = Float16Module(config, model) if args.precision != "fp32" else model
+    return [DistributedDataParallel(config, ddp_config(args), wrapped)], model
+
+
+def build_frozen_model(args, plan: ModelPlan):
+    """This rank's stage of a model that is never trained (an RLHF reference or reward model):
+    the bare GPTModel in eval mode, gradients off, no DDP buffers."""
+    _, model = build_bare_model(args, plan)
+    return model.eval().requires_grad_(False)
+
+
+def build_bare_model(args, plan: ModelPlan):
+    """(TransformerConfig, this rank's GPTModel stage) on the device, initialised unless
+    --load will replace its weights."""
+    from megatron.core import parallel_state as ps
 
     from megatron_patch.families.model import build_gpt_model, transformer_config
 
@@ -241,8 +257,7 @@ def build_model(args, plan: ModelPlan):
     if args.compile_layers:
         for layer in model.decoder.layers:
             layer.forward = compat.compile_megatron(layer.forward)
-    wrapped = Float16Module(config, model) if args.precision != "fp32" else model
-    return [DistributedDataParallel(config, ddp_config(args), wrapped)], model
+    return config, model
 
 
 def ddp_config(args):
