@@ -32,6 +32,12 @@ def test_the_loss_functions_are_the_formulas():
     assert total.item() == pytest.approx(expected.item())
     assert tokens.item() == batch["mask"].sum().item()
     assert report["clip fraction"].tolist() == [clipped.item(), tokens.item()]
+    batch["ref_logps"] = -torch.rand(4, 10) * 5
+    grpo, _, report = ppo_losses.actor_loss(batch, 0.2, output, kl_coef=0.05)
+    ref_ratio = batch["ref_logps"] + output  # log(ref / pi), GRPO's k3 term per token
+    k3 = ((torch.exp(ref_ratio) - ref_ratio - 1) * batch["mask"]).sum()
+    assert grpo.item() == pytest.approx(expected.item() + 0.05 * k3.item(), rel=1e-6)
+    assert report["kl loss"][0].item() == pytest.approx(k3.item(), rel=1e-6)
     values = torch.randn(4, 10, 1)
     total, _, _ = ppo_losses.critic_loss(batch, 0.2, values)
     assert total.item() == pytest.approx(ppo_math.value_loss_sum(

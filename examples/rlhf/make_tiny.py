@@ -50,6 +50,8 @@ def random_llama(out: str, tokenizer_dir: str, vocab_size: int, seed: int, rewar
         for name, param in model.named_parameters():
             if "q_proj" in name or "k_proj" in name:
                 param.mul_(5.0)
+        if reward:  # scores that spread about 1, as a trained reward model's do
+            model.score.weight.mul_(25.0)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -51,6 +51,11 @@ def setup(config):
                          f"parallelism) instead")
     compat.initialize_parallel(tp, 1, config.rlhf["seed"])
     world = dist.get_world_size()
+    devices = config.roles["ppo_policy"].num_device
+    if devices != world:
+        raise ValueError(f"{config.path}: models.*.num_device is {devices} but the run has "
+                         f"{world} processes (colocated: every role on every process); start "
+                         f"{devices} (run_rlhf.sh GPU_LIST), or set num_device: {world}")
     schedule = Schedule(config.rlhf, world // tp, config.path)
     models = build_roles(config, schedule.steps, schedule.step_samples)
     actor_model = models["ppo_policy"]
@@ -117,6 +122,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
+        if dist.is_initialized():
+            compat.destroy_parallel()
         return 2
     if dist.get_rank() == 0:
         _banner(config, models, prompts, schedule, prompt_format)

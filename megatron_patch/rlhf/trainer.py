@@ -124,11 +124,15 @@ class RLHFTrainer:
         params = SamplingParams(top_k=rlhf["top_k"], top_p=rlhf["top_p"],
                                 temperature=rlhf["temperature"])
         limits = Limits(rlhf["max_new_tokens"], self.eod, self.pad, self.vocab)
-        generator = torch.Generator(device=device).manual_seed(
-            rlhf["seed"] + 100_003 * (episode + 1) + self.dp_rank)
         size = rlhf["generation_batch_size"]
-        batches = [sample(backend, ids[i:i + size], params, limits, generator)
-                   for i in range(0, len(ids), size)]
+        first = self.dp_rank * len(ids)  # this rank's first row of the episode's samples
+        batches = []
+        for i in range(0, len(ids), size):
+            # seeded by the episode and the batch's place among all ranks' rows: the samples
+            # do not depend on the data-parallel size (when batches do not straddle ranks)
+            generator = torch.Generator(device=device).manual_seed(
+                rlhf["seed"] + 100_003 * episode + (first + i) // size)
+            batches.append(sample(backend, ids[i:i + size], params, limits, generator))
         del backend
         release_static_cache(module)
         return xp.merge_rollouts(batches, self.pad, self.tp), mine
@@ -193,18 +197,19 @@ class RLHFTrainer:
     def train(self, exp: dict, episode: int) -> dict:
         rlhf, s = self.rlhf, self.schedule
         rows = exp["tokens"].shape[0]
-        per_step = rows // s.steps_per_epoch
+        steps = s.steps_per_epoch
         micro = rlhf["train_micro_batch_size"]
         actor_step = ppo_losses.actor_forward_step(rlhf["clip_eps"],
                                                    self.kl_coef if self.grpo else 0.0)
         critic_step = ppo_losses.critic_forward_step(rlhf["value_clip"])
         keys = EXPERIENCE_KEYS + (("ref_logps",) if self.grpo else ())
         totals: dict = {}
+        device = exp["tokens"].device
         for epoch in range(rlhf["num_training_epoch"]):
-            order = torch.randperm(rows, generator=torch.Generator().manual_seed(
-                rlhf["seed"] + 7919 * episode + epoch)).to(exp["tokens"].device)
-            for step in range(s.steps_per_epoch):
-                index = order[step * per_step:(step + 1) * per_step]
+            for step in range(steps):
+                # every steps-th sample (the prompts are shuffled already): the samples of a
+                # step are the same at any data-parallel size; epochs take them in turn
+                index = torch.arange((step + epoch) % steps, rows, steps, device=device)
                 batch = {k: v[index] for k, v in exp.items() if isinstance(v, torch.Tensor)}
                 stats, _ = self._step(self.actor, xp.micro_batches(batch, micro, keys),
                                       actor_step)
