@@ -202,6 +202,12 @@ def test_tiny_ppo_with_six_roles_raises_the_reward(ppo_tp1, tmp_path):
                  "reward_ref"):
         assert f"{role} " in proc.stdout
     assert "policy          inference" in proc.stdout and "(ppo_policy's module)" in proc.stdout
+    plotted = run_python(["toolkits/plot_metrics.py", str(out / "metrics.jsonl"), "-o",
+                          str(tmp_path / "rlhf.png")])
+    assert "1 RLHF run(s), 16 episodes" in plotted.stdout
+    from matplotlib import image
+
+    assert image.imread(str(tmp_path / "rlhf.png")).shape[:2] == (1600, 1000)  # five panels
     # the checkpoints convert to HF: a causal LM and a sequence classifier
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

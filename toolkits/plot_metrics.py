@@ -4,7 +4,9 @@
     python toolkits/plot_metrics.py OUT/metrics/run.jsonl [more.jsonl ...] -o curves.png
 
 Three panels against the iteration: loss (training, and validation where logged), learning
-rate, and throughput (tokens/s). Each input file is one run, labelled with its file name.
+rate, and throughput (tokens/s). An RLHF run's file (``rlhf.metrics_file``) gets its own panels
+against the episode: reward, KL, losses, agreement, generation tokens/s. Each input file is one
+run, labelled with its file name.
 Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra of setup.py).
 """
 from __future__ import annotations
@@ -21,6 +23,24 @@ PANELS = (
     ("learning rate", "lr", (("lr", "-", ""),)),
     ("throughput", "tokens/s", (("tokens_per_sec", "-", ""),)),
 )
+
+
+# An RLHF run's metrics (python -m megatron_patch.rlhf: one row per episode).
+RLHF_PANELS = (
+    ("reward", "score", (("reward_mean", "-", "mean"),)),
+    ("KL to the reference", "nats per token", (("kl", "-", ""),)),
+    ("losses", "loss", (("policy_loss", "-", "policy"), ("value_loss", "--", "value"),
+                        ("kl_loss", ":", "kl"))),
+    ("train / generation agreement", "mean exp|dlogp|", (("agreement", "-", ""),)),
+    ("generation throughput", "tokens/s", (("generation_tokens_per_sec", "-", ""),)),
+)
+
+
+def panels_for(runs) -> tuple:
+    """RLHF_PANELS when every run is an RLHF run, else the training PANELS."""
+    if runs and all("reward_mean" in series for _, series in runs):
+        return RLHF_PANELS
+    return PANELS
 
 
 class MetricsError(ValueError):
@@ -57,7 +77,7 @@ def read_metrics(path: str) -> dict[str, list[tuple[int, float]]]:
                     and not isinstance(value, bool):
                 series.setdefault(key, []).append((record["iteration"], value))
     if not series:
-        raise MetricsError(f"{path}: no metrics (is it a --metrics-file of pretrain/finetune?)")
+        raise MetricsError(f"{path}: no metrics (is it a --metrics-file of pretrain/finetune, or an rlhf.metrics_file?)")
     return series
 
 
@@ -97,8 +117,9 @@ def draw(title: str, runs: list[tuple[str, dict]], output: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(PANELS), 1, figsize=(10, 3.2 * len(PANELS)), sharex=True)
-    for axis, (panel, ylabel, keys) in zip(axes, PANELS):
+    panels = panels_for(runs)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), sharex=True)
+    for axis, (panel, ylabel, keys) in zip(axes, panels):
         for color, (label, series) in enumerate(runs):  # one colour per run in every panel
             for key, style, suffix in keys:
                 if key in series:
@@ -110,7 +131,7 @@ def draw(title: str, runs: list[tuple[str, dict]], output: str) -> None:
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[1]:
             axis.legend(fontsize="small")
-    axes[-1].set_xlabel("iteration")
+    axes[-1].set_xlabel("episode" if panels is RLHF_PANELS else "iteration")
     figure.suptitle(textwrap.fill(title, 100), fontsize="small")
     figure.tight_layout()
     tmp = f"{output}.tmp.png"
@@ -156,8 +177,12 @@ def main(argv=None) -> int:
     except OSError as err:  # e.g. a full disk; draw leaves no partial PNG behind
         print(f"error: --output {args.output}: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: {len(runs)} run(s), "
-          f"{sum(len(s.get('lm_loss', [])) for _, s in runs)} training iterations")
+    if panels_for(runs) is RLHF_PANELS:
+        print(f"wrote {args.output}: {len(runs)} RLHF run(s), "
+              f"{sum(len(s['reward_mean']) for _, s in runs)} episodes")
+    else:
+        print(f"wrote {args.output}: {len(runs)} run(s), "
+              f"{sum(len(s.get('lm_loss', [])) for _, s in runs)} training iterations")
     return 0
 
 

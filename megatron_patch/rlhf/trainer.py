@@ -40,6 +40,7 @@ import torch.distributed as dist
 from megatron_patch import compat
 from megatron_patch.rlhf import experience as xp
 from megatron_patch.rlhf import ppo_losses, ppo_math
+from megatron_patch.training.metrics import _memory_gib
 
 EXPERIENCE_KEYS = ("tokens", "position_ids", "labels", "mask", "old_logps", "advantages")
 CRITIC_KEYS = ("tokens", "position_ids", "mask", "old_values", "returns")
@@ -246,6 +247,7 @@ class RLHFTrainer:
         figures["kl_coef"] = self.kl_coef
         figures.update({f"{name}_seconds": value for name, value in seconds.items()})
         figures["generation_tokens_per_sec"] = generated / max(seconds["generation"], 1e-9)
+        figures["memory_gib"] = _memory_gib()  # the peak so far (the CPU: resident set)
         return figures
 
     def adapt_kl(self, figures: dict) -> None:
