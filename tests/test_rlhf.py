@@ -172,6 +172,24 @@ def test_rule_rewards_and_yaml_variables(tmp_path, monkeypatch):
         expand_variables("${RLHF_TEST_UNSET}", "f.yaml")
 
 
+def test_the_llama_7b_example_config_maps_to_the_roles(monkeypatch):
+    from megatron_patch.rlhf.config import ROLES, load_config
+
+    for name, value in (("SFT_CKPT", "/ckpt/sft"), ("RM_CKPT", "/ckpt/rm"),
+                        ("PROMPTS", "/data/p.jsonl"), ("OUTPUT", "/exp")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NUM_DEVICE", raising=False)
+    config = load_config(os.path.join(REPO, "examples", "rlhf", "configs", "llama-7b",
+                                      "rlhf.yaml"))
+    assert set(config.roles) == set(ROLES) and config.rlhf["save"] == "/exp"
+    assert {name: role.megatron["load"] for name, role in config.roles.items()} == {
+        **{r: "/ckpt/sft" for r in ("ppo_policy", "policy", "reference")},
+        **{r: "/ckpt/rm" for r in ("reward_train", "reward_forward", "reward_ref")}}
+    assert all(role.num_device == 8 and role.megatron["tensor_model_parallel_size"] == 4
+               for role in config.roles.values())
+    assert config.roles["ppo_policy"].megatron["lr"] == 1e-6
+
+
 # ---------------------------------------------------------------- the launcher end to end
 @pytest.fixture(scope="module")
 def ppo_tp1(tiny, tmp_path_factory):
@@ -243,11 +261,13 @@ def test_tp2_gives_tp1s_episodes(tiny, ppo_tp1, tmp_path):
 
 def test_dp2_gives_tp1s_episodes_and_resumes_exactly(tiny, ppo_tp1, tmp_path):
     """DP2 samples the same rows (each generation batch is seeded by its place among all
-    rows) and trains on the same global steps (whitening and token means over both ranks)."""
+    rows) and trains on the same global steps (whitening and token means over both ranks),
+    here with the distributed optimizer (its state sharded over the two ranks)."""
     from megatron_patch.convert.megatron_io import TRACKER
 
     full = tmp_path / "full"
-    proc = launch(tiny, full, gpus="0,1", EPISODES="4", SAVE_EPISODE_INTERVAL="2")
+    proc = launch(tiny, full, gpus="0,1", EPISODES="4", SAVE_EPISODE_INTERVAL="2",
+                  DISTRIBUTED_OPTIMIZER="True")
     assert "world 2 = TP 1 x DP 2" in proc.stdout
     same_episodes(episodes(full), episodes(ppo_tp1[0]), 3)
     # a crash after episode 2's save: its checkpoints, the tracker back at 2
@@ -256,7 +276,8 @@ def test_dp2_gives_tp1s_episodes_and_resumes_exactly(tiny, ppo_tp1, tmp_path):
     for role in ("ppo_policy", "reward_train"):
         shutil.rmtree(resumed / role / "iter_0000004")
         (resumed / role / TRACKER).write_text("2")
-    again = launch(tiny, resumed, gpus="0,1", EPISODES="4", SAVE_EPISODE_INTERVAL="2")
+    again = launch(tiny, resumed, gpus="0,1", EPISODES="4", SAVE_EPISODE_INTERVAL="2",
+                   DISTRIBUTED_OPTIMIZER="True")
     assert "resuming at episode 2" in again.stdout
     assert "dropped 2 rows after iteration 2" in again.stdout
     a, b = episodes(full), episodes(resumed)
