@@ -48,40 +48,41 @@ def episodes(out) -> list[dict]:
 
 
 # ---------------------------------------------------------------- experience against transformers
-def test_experience_equals_transformers(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def experience_of(actor_dir, critic_dir, prompts, eod, pad, vocab) -> dict:
+    """An episode's rollouts, log-probabilities, values and scores, in this process (TP1)."""
     from megatron_patch import compat
-    from megatron_patch.convert import engine
     from megatron_patch.generation.engine import Limits, build_backend
     from megatron_patch.generation.loading import load_model, open_checkpoint
     from megatron_patch.generation.sampling import SamplingParams
     from megatron_patch.rlhf import experience as xp
     from megatron_patch.rlhf.rollout import sample
-    from megatron_patch.tokenizers import build_tokenizer
 
-    for name in ("sft", "rm"):
-        engine.convert_megatron_to_hf(str(tiny / name), str(tmp_path / name), progress=False)
-    tokenizer = build_tokenizer("llamabpe", str(tiny / "tokenizer"))
-    prompts = xp.read_prompt_data(str(tiny / "prompts.jsonl"), tokenizer, "raw", 40)
     compat.initialize_parallel(1, 1)
     try:
-        actor = load_model(open_checkpoint(str(tiny / "sft")), 1)
-        critic = load_model(open_checkpoint(str(tiny / "rm")), 1)
-        limits = Limits(10, tokenizer.eod, tokenizer.pad, 300)  # make_tiny's vocabulary
-        batches = [sample(build_backend("static", actor, 64), prompts.ids[i:i + 3],
+        actor = load_model(open_checkpoint(str(actor_dir)), 1)
+        critic = load_model(open_checkpoint(str(critic_dir)), 1)
+        limits = Limits(10, eod, pad, vocab)
+        batches = [sample(build_backend("static", actor, 64), prompts[i:i + 3],
                           SamplingParams(), limits, torch.Generator().manual_seed(i))
                    for i in (0, 3)]
-        exp = xp.merge_rollouts(batches, tokenizer.pad, multiple=4)
+        exp = xp.merge_rollouts(batches, pad, multiple=4)
         assert exp["tokens"].shape[1] % 4 == 0
-        logps = xp.policy_logps(actor, exp, 2)
-        values = xp.critic_values(critic, exp, 4)
-        scores = xp.reward_model_scores(critic, exp, 4, tokenizer.eod, tokenizer.pad)
+        exp["logps"] = xp.policy_logps(actor, exp, 2)
+        exp["values"] = xp.critic_values(critic, exp, 4)
+        exp["scores"] = xp.reward_model_scores(critic, exp, 4, eod, pad)
     finally:
         compat.destroy_parallel()
-    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"), dtype=torch.float32)
-    rm = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"),
-                                                            dtype=torch.float32)
+    return exp
+
+
+def check_against_transformers(exp, hf_lm, hf_rm, eod) -> None:
+    """Per row, alone and unpadded: transformers' log-probabilities of the sampled tokens, its
+    classifier's score at every position (the values) and at the last token after an eod."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    lm = AutoModelForCausalLM.from_pretrained(str(hf_lm), dtype=torch.float32).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(str(hf_rm),
+                                                            dtype=torch.float32).eval()
     assert (exp["mask"].sum(1) > 0).all()
     for row in range(exp["tokens"].shape[0]):
         mask = exp["mask"][row].bool()
@@ -90,17 +91,49 @@ def test_experience_equals_transformers(tiny, tmp_path):
         with torch.no_grad():
             hf_logps = torch.log_softmax(lm(ids).logits[0].float(), -1)
             expected = hf_logps[:-1].gather(1, ids[0, 1:, None])[:, 0]
-            hidden = rm.model(ids).last_hidden_state
-            hf_values = rm.score(hidden)[0, :, 0]
-            scored = ids if ids[0, -1] == tokenizer.eod else torch.cat(
-                [ids, torch.tensor([[tokenizer.eod]])], 1)
-            hf_score = rm.score(rm.model(scored).last_hidden_state)[0, -1, 0]
-        assert torch.allclose(logps[row, :n - 1][mask[:n - 1]], expected[mask[:n - 1]],
+            hf_values = rm.score(rm.base_model(ids).last_hidden_state)[0, :, 0]
+            scored = ids if ids[0, -1] == eod else torch.cat([ids, torch.tensor([[eod]])], 1)
+            hf_score = rm.score(rm.base_model(scored).last_hidden_state)[0, -1, 0]
+        learned = mask[:n - 1]
+        assert torch.allclose(exp["logps"][row, :n - 1][learned], expected[learned], atol=1e-4)
+        assert torch.allclose(exp["values"][row, :n - 1][learned], hf_values[:-1][learned],
                               atol=1e-4)
-        assert torch.allclose(values[row, :n - 1][mask[:n - 1]], hf_values[:-1][mask[:n - 1]],
-                              atol=1e-4)
-        assert scores[row].item() == pytest.approx(hf_score.item(), abs=1e-4)
-        assert (logps[row][~mask] == 0).all() and (values[row][~mask] == 0).all()
+        assert exp["scores"][row].item() == pytest.approx(hf_score.item(), abs=1e-4)
+        assert (exp["logps"][row][~mask] == 0).all() and (exp["values"][row][~mask] == 0).all()
+
+
+def test_experience_equals_transformers(tiny, tmp_path):
+    from megatron_patch.convert import engine
+    from megatron_patch.rlhf import experience as xp
+    from megatron_patch.tokenizers import build_tokenizer
+
+    for name in ("sft", "rm"):
+        engine.convert_megatron_to_hf(str(tiny / name), str(tmp_path / name), progress=False)
+    tokenizer = build_tokenizer("llamabpe", str(tiny / "tokenizer"))
+    prompts = xp.read_prompt_data(str(tiny / "prompts.jsonl"), tokenizer, "raw", 40)
+    exp = experience_of(tiny / "sft", tiny / "rm", prompts.ids, tokenizer.eod, tokenizer.pad,
+                        300)  # make_tiny's vocabulary
+    check_against_transformers(exp, tmp_path / "sft", tmp_path / "rm", tokenizer.eod)
+
+
+# the other causal families: ALiBi, parallel attention with one KV head, OPT, GLM-4's layout
+@pytest.mark.parametrize("family, size", [("bloom", "tiny"), ("falcon", "tiny"),
+                                          ("galactica", "tiny"), ("chatglm", "tiny-glm4")])
+def test_experience_equals_transformers_for_every_causal_family(family, size, tmp_path):
+    from helpers import save_tiny_hf
+
+    from megatron_patch.convert import engine
+
+    for name, reward in (("lm", False), ("rm", True)):
+        save_tiny_hf(family, str(tmp_path / f"{name}_hf"), size=size, vocab_size=300,
+                     qk_scale=5.0, seed=int(reward), **({"reward_head": True} if reward else {}))
+        engine.convert_hf_to_megatron(str(tmp_path / f"{name}_hf"), str(tmp_path / name),
+                                      progress=False)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (int(n),), generator=generator).tolist()
+               for n in torch.randint(2, 9, (6,), generator=generator)]
+    exp = experience_of(tmp_path / "lm", tmp_path / "rm", prompts, 2, 0, 300)
+    check_against_transformers(exp, tmp_path / "lm_hf", tmp_path / "rm_hf", 2)
 
 
 def test_prompt_formats_and_their_errors(tiny, tmp_path):
