@@ -128,6 +128,14 @@ def test_the_seed_configuration_parses_and_maps_to_the_roles(tmp_path):
      r"models.reference.model_config_file .*missing.yaml': no such file"),
     (lambda t: t.replace("    num_training_epoch: 1", "    algorithm: a2c"),
      r"rlhf.algorithm must be ppo or grpo"),
+    (lambda t: t.replace("    sample_per_episode: 10", "    sample_per_episode: ten"),
+     r"rlhf.sample_per_episode must be an integer, got 'ten'"),
+    (lambda t: t.replace("    num_ppo_episode: 5", "    num_ppo_episode: 0"),
+     r"rlhf.num_ppo_episode must be at least 1, got 0"),
+    (lambda t: t.replace("    num_training_epoch: 1", "    kl_coef: high"),
+     r"rlhf.kl_coef must be a number, got 'high'"),
+    (lambda t: t.replace("    num_training_epoch: 1", "    reward_fn: rules:score"),
+     r"rlhf.reward_fn and models.reward_ref both give the reward; keep one"),
 ])
 def test_wrong_rlhf_yaml_names_the_key(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -69,7 +69,8 @@ def setup(config):
     meta = _source_metadata(actor_model.args.load)[0] or {}
     prompt_format, _ = resolve_prompt_format(config.rlhf["prompt_format"], meta,
                                              actor_model.args.load)
-    limit = actor_model.args.seq_length - config.rlhf["max_new_tokens"]
+    # a prompt, its response and the eod the reward model reads after it fit seq_length
+    limit = actor_model.args.seq_length - config.rlhf["max_new_tokens"] - 1
     if limit < 1:
         raise ValueError(f"rlhf.max_new_tokens {config.rlhf['max_new_tokens']} leaves no room "
                          f"for a prompt in seq_length {actor_model.args.seq_length}")
@@ -107,7 +108,13 @@ def _banner(config, models, prompts, schedule, prompt_format) -> None:
           f"| reward: {rlhf['reward_fn'] or 'reward_ref'}", flush=True)
     start = actor.resumed_episode
     if start:
-        print(f"[megatron_patch] resuming at episode {start} of {actor.args.save}", flush=True)
+        left = rlhf["num_ppo_episode"] - start
+        print(f"[megatron_patch] resuming at episode {start} of {actor.args.save}"
+              + (f": that is num_ppo_episode {rlhf['num_ppo_episode']}, nothing is left to "
+                 f"train" if left <= 0 else ""), flush=True)
+    if not actor.args.save:
+        print("[megatron_patch] no save (rlhf.save or the actor's save): no checkpoints are "
+              "written", flush=True)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,14 @@ model, read as the seed writes them (../shared/seed/, "PPO训练").
       sample_per_episode: 10                # prompts (x group_size for GRPO) per episode
       num_training_epoch: 1                 # passes over an episode's samples
 
-plus this project's keys (defaults in ``RLHF_DEFAULTS``). A per-model YAML holds Megatron-LM
+plus this project's keys (defaults and meanings in ``RLHF_DEFAULTS``; a value of the wrong type
+is an error naming the key). ``model_config_file``, ``prompt_data``, ``save`` and
+``metrics_file`` are relative to ``runtime_env.working_dir`` (itself relative to the directory
+of rlhf.yaml), as are ``load`` and ``save`` in the model files. Any string may use ChatLearn's
+``${NAME}`` / ``${NAME:default}``: the environment variable, else the default (a value that is
+one variable becomes a YAML scalar: ``num_device: ${NUM_DEVICE:8}`` is the number 8).
+
+A per-model YAML holds Megatron-LM
 argument names (``tensor_model_parallel_size: 8``, ``data_path: [...]``); it becomes that
 model's trainer command line and is checked by the trainer's own parser, so an unknown name is
 an error naming the file and the key. Arguments the RLHF loop does not use (the pretraining data:
@@ -54,6 +61,12 @@ RLHF_DEFAULTS = {
     "reward_fn": None,           # "module:function" (text -> float) instead of reward_ref
     "save": None, "save_episode_interval": 1, "seed": 1234, "metrics_file": None,
 }
+# The types the rlhf: keys take (None: any); a float key takes an int too.
+RLHF_TYPES = {key: (float if isinstance(value, float) else type(value))
+              for key, value in RLHF_DEFAULTS.items() if value is not None}
+RLHF_TYPES.update(train_global_batch_size=int, prompt_data=str, prompt_format=str,
+                  adaptive_kl_target=float, reward_clip=float, reward_fn=str, save=str,
+                  metrics_file=str, colocation=list)
 # Megatron-LM pretraining-data arguments the seed's per-model files carry: accepted, unused.
 UNUSED_MEGATRON = {"data_path", "data_impl", "split", "vocab_file", "merge_file",
                    "distributed_backend"}
@@ -186,6 +199,8 @@ def load_config(path: str) -> RLHFConfig:
     given = top.get("rlhf") or {}
     _unknown(path, "rlhf", given, RLHF_DEFAULTS)
     rlhf.update(given)
+    for key, value in given.items():
+        _check_type(path, key, value)
     for key in PATH_KEYS:
         if rlhf[key] and not os.path.isabs(rlhf[key]):
             rlhf[key] = os.path.normpath(os.path.join(working_dir, rlhf[key]))
@@ -207,6 +222,25 @@ def load_config(path: str) -> RLHFConfig:
              if name in models}
     _check_roles(path, roles, rlhf)
     return RLHFConfig(os.path.abspath(path), working_dir, roles, rlhf)
+
+
+def _check_type(path: str, key: str, value) -> None:
+    kind = RLHF_TYPES.get(key)
+    if value is None or kind is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float \
+        else isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{path}: rlhf.{key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    if key in POSITIVE and value < 1:
+        raise ValueError(f"{path}: rlhf.{key} must be at least 1, got {value}")
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list"}
+POSITIVE = ("generation_batch_size", "train_micro_batch_size", "num_ppo_episode",
+            "sample_per_episode", "num_training_epoch", "train_global_batch_size",
+            "max_new_tokens", "group_size", "adaptive_kl_horizon")
 
 
 def _role(path: str, working_dir: str, name: str, settings) -> Role:
@@ -237,6 +271,9 @@ def _check_roles(path: str, roles: dict, rlhf: dict) -> None:
         if role.trainable != (name in TRAINED):
             raise ValueError(f"{path}: models.{name}.trainable is {role.trainable}, but "
                              f"{name} {'is' if name in TRAINED else 'is not'} trained")
+    if rlhf["reward_fn"] and "reward_ref" in roles:
+        raise ValueError(f"{path}: rlhf.reward_fn and models.reward_ref both give the reward; "
+                         f"keep one (the reward model is not loaded for a rule)")
     colocation = rlhf["colocation"]
     if colocation is not None:
         groups = [set(part.strip() for part in group.split(",")) for group in colocation]
