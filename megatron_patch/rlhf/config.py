@@ -52,6 +52,8 @@ RLHF_DEFAULTS = {
     "prompt_format": None,       # raw | alpaca | chat (default: the actor checkpoint's)
     "max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 0.0,
     "inference_backend": "auto",  # the generation engine's backend (generate --help)
+    "offload_training_state": True,  # optimizer state and gradient buffers off the GPU while
+                                     # generating (GPU only)
     "kl_coef": 0.02,             # beta of the k1 penalty in PPO's reward; GRPO's k3 loss weight
     "adaptive_kl_target": None,  # a KL target turns on the adaptive controller (PPO)
     "adaptive_kl_horizon": 10000,

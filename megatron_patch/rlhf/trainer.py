@@ -143,11 +143,17 @@ class RLHFTrainer:
 
         rows = self.rlhf["train_micro_batch_size"]
         trained = [m for m in (self.actor, self.critic) if m is not None]
+        if not self.rlhf["offload_training_state"]:
+            trained = []
         for model in trained:
             offload_training_state(model)
+        if compat.on_gpu():  # the episode's peaks: generation's, then the whole episode's
+            torch.cuda.reset_peak_memory_stats()
         began = _sync_time()
         exp, prompt_index = self.rollouts(episode)
         seconds["generation"] = (mark := _sync_time()) - began
+        if compat.on_gpu():
+            seconds["generation_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         exp["ref_logps"] = xp.policy_logps(self.models["reference"].module, exp, rows)
         seconds["reference"] = (now := _sync_time()) - mark
         exp["old_logps"] = xp.policy_logps(self.actor.chunks[0], exp, rows)
@@ -245,9 +251,12 @@ class RLHFTrainer:
         generated = figures.pop("generated_tokens") * dist.get_world_size(self.dp_group)
         figures.update({name.replace(" ", "_"): value for name, value in train_stats.items()})
         figures["kl_coef"] = self.kl_coef
+        memory = seconds.pop("generation_memory_gib", None)
+        if memory is not None:
+            figures["generation_memory_gib"] = memory
         figures.update({f"{name}_seconds": value for name, value in seconds.items()})
         figures["generation_tokens_per_sec"] = generated / max(seconds["generation"], 1e-9)
-        figures["memory_gib"] = _memory_gib()  # the peak so far (the CPU: resident set)
+        figures["memory_gib"] = _memory_gib()  # the episode's peak (the CPU: the run's RSS)
         return figures
 
     def adapt_kl(self, figures: dict) -> None:

@@ -35,7 +35,7 @@ ROLES = {"ppo_policy": ("sft", True), "policy": ("sft", False), "reference": ("s
          "reward_ref": ("rm", False)}
 
 
-def write_config(root: str, models: str, opts, backend: str) -> str:
+def write_config(root: str, models: str, opts, backend: str, offload: bool = True) -> str:
     os.makedirs(os.path.join(root, "models"), exist_ok=True)
     for name in ("sft", "rm"):
         lines = [f"load: {os.path.join(models, name)}", "tensor_model_parallel_size: 1",
@@ -59,6 +59,7 @@ rlhf:
     num_ppo_episode: {opts.episodes}
     max_new_tokens: {opts.new_tokens}
     inference_backend: {backend}
+    offload_training_state: {offload}
     metrics_file: metrics.jsonl
 """)
     return path
@@ -90,7 +91,8 @@ def free_port() -> int:
 
 def table(rows: list[dict], bound: float) -> str:
     head = ("| backend | episode | " + " | ".join(f"{p} s" for p in PHASES)
-            + " | episode s | generation tokens/s | of bound | agreement | memory GiB |")
+            + " | episode s | generation tokens/s | of bound | agreement | generation peak GiB"
+            " | episode peak GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         total = sum(row[f"{p}_seconds"] for p in PHASES)
@@ -98,7 +100,8 @@ def table(rows: list[dict], bound: float) -> str:
                      + " | ".join(f"{row[f'{p}_seconds']:.2f}" for p in PHASES)
                      + f" | {total:.2f} | {row['generation_tokens_per_sec']:,.0f} | "
                      f"{row['generation_tokens_per_sec'] / bound:.0%} | "
-                     f"{row['agreement']:.4f} | {row.get('memory_gib', 0):.1f} |")
+                     f"{row['agreement']:.4f} | {row.get('generation_memory_gib', 0):.1f} | "
+                     f"{row.get('memory_gib', 0):.1f} |")
     return "\n".join(lines)
 
 
@@ -113,6 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=4, help="training micro-batch")
     parser.add_argument("--new-tokens", type=int, help="tokens per response (default 256)")
     parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--compare-offload", action="store_true", help="also run the first "
+                        "backend with offload_training_state off (memory during generation)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per RLHF run")
     parser.add_argument("--models", help="a directory of make_tiny.py's models to reuse (built "
                         "there when missing)")
@@ -155,10 +160,15 @@ def main(argv=None) -> int:
           f"{bound:,.0f} tokens/s | {opts.samples} samples x {opts.new_tokens} new tokens per "
           f"episode", flush=True)
     rows = []
-    for backend in opts.backends.split(","):
-        run_dir = os.path.join(scratch, backend)
-        for row in run_episodes(write_config(run_dir, models, opts, backend), opts.timeout):
-            rows.append({"backend": backend, **row})
+    runs = [(backend, True) for backend in opts.backends.split(",")]
+    if opts.compare_offload:
+        runs.append((runs[0][0], False))
+    for backend, offload in runs:
+        label = backend if offload else f"{backend}, no offload"
+        run_dir = os.path.join(scratch, label.replace(", ", "_").replace(" ", "_"))
+        for row in run_episodes(write_config(run_dir, models, opts, backend, offload),
+                                opts.timeout):
+            rows.append({"backend": label, **row})
     print(table(rows, bound), flush=True)
     if opts.output:
         with open(opts.output, "w") as handle:
