@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, child_env, run_python
+from helpers import REPO, child_env, free_port, run_python
 
 LAUNCHER = os.path.join(REPO, "examples", "rlhf", "run_rlhf.sh")
 TINY = os.path.join(REPO, "examples", "rlhf", "configs", "tiny")
@@ -33,14 +33,34 @@ def tiny(tmp_path_factory):
     return root
 
 
+def launcher_env(tiny, out, **env) -> dict:
+    return child_env({"TINY_RLHF_DIR": str(tiny), "RLHF_SAVE": str(out),
+                      "PYTHON": sys.executable, **env})
+
+
 def launch(tiny, out, gpus="0", config="ppo.yaml", check=True, **env):
     proc = subprocess.run(["bash", LAUNCHER, gpus, os.path.join(TINY, config)],
                           capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=child_env({"TINY_RLHF_DIR": str(tiny), "RLHF_SAVE": str(out),
-                                         "PYTHON": sys.executable, **env}))
+                          env=launcher_env(tiny, out, **env))
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def launch_two_nodes(tiny, out, **env) -> str:
+    """run_rlhf.sh on two "nodes" of this machine (one process each, torchrun's static
+    rendezvous on 127.0.0.1): node 0's output."""
+    port = str(free_port())
+    nodes = [subprocess.Popen(["bash", LAUNCHER, "0", os.path.join(TINY, "ppo.yaml")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO, env=launcher_env(
+                                  tiny, out, NNODES="2", NODE_RANK=str(rank),
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env))
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return outputs[0][0]
 
 
 def episodes(out) -> list[dict]:
@@ -295,13 +315,14 @@ def test_tp2_gives_tp1s_episodes(tiny, ppo_tp1, tmp_path):
 def test_dp2_gives_tp1s_episodes_and_resumes_exactly(tiny, ppo_tp1, tmp_path):
     """DP2 samples the same rows (each generation batch is seeded by its place among all
     rows) and trains on the same global steps (whitening and token means over both ranks),
-    here with the distributed optimizer (its state sharded over the two ranks)."""
+    here with the distributed optimizer (its state sharded over the two ranks); the first run
+    is two nodes of one process (torchrun's rendezvous), the resumed one node of two."""
     from megatron_patch.convert.megatron_io import TRACKER
 
     full = tmp_path / "full"
-    proc = launch(tiny, full, gpus="0,1", EPISODES="4", SAVE_EPISODE_INTERVAL="2",
-                  DISTRIBUTED_OPTIMIZER="True")
-    assert "world 2 = TP 1 x DP 2" in proc.stdout
+    stdout = launch_two_nodes(tiny, full, EPISODES="4", SAVE_EPISODE_INTERVAL="2",
+                              DISTRIBUTED_OPTIMIZER="True")
+    assert "2 processes (1 on this node" in stdout and "world 2 = TP 1 x DP 2" in stdout
     same_episodes(episodes(full), episodes(ppo_tp1[0]), 3)
     # a crash after episode 2's save: its checkpoints, the tracker back at 2
     resumed = tmp_path / "resumed"
