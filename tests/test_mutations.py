@@ -90,6 +90,10 @@ MUTATIONS = (
              "loss_mask[row, :n - 1] = torch.as_tensor(mask[1:], dtype=torch.float32)",
              "loss_mask[row, :n - 1] = 1.0",
              ("tests/test_dpo.py::test_loss_with_another_reference_equals_transformers",)),
+    Mutation("rlhf-values-one-position-late", "megatron_patch/rlhf/experience.py",
+             "        parts.append(scores.float()[..., 0] * part[\"mask\"])",
+             "        parts.append(torch.roll(scores.float()[..., 0], 1, 1) * part[\"mask\"])",
+             ("tests/test_rlhf.py::test_experience_equals_transformers",)),
 )
 
 
