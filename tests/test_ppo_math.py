@@ -126,3 +126,11 @@ def test_group_advantages_and_agreement():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     assert ppo_math.agreement(logp, logp, mask) == 1.0
     assert ppo_math.agreement(logp, logp + 0.1, mask) == pytest.approx(math.exp(0.1))
+
+
+def test_adaptive_kl_controller_moves_towards_the_target_within_its_clip():
+    # KL above the target raises the coefficient, below lowers it, at most by 20% x n / horizon
+    assert ppo_math.adaptive_kl_coef(0.1, 6.0, 3.0, 100, 1000) == pytest.approx(0.1 * 1.02)
+    assert ppo_math.adaptive_kl_coef(0.1, 3.3, 3.0, 100, 1000) == pytest.approx(0.1 * 1.01)
+    assert ppo_math.adaptive_kl_coef(0.1, 0.0, 3.0, 100, 1000) == pytest.approx(0.1 * 0.98)
+    assert ppo_math.adaptive_kl_coef(0.1, 3.0, 3.0, 100, 1000) == pytest.approx(0.1)

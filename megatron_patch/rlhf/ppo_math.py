@@ -19,6 +19,7 @@ Conventions (OpenRLHF / TRL / verl agree on them):
 - ``value_loss_sum``: ``max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) / 2``, summed.
 - ``group_advantages``: GRPO's ``(r - mean) / (std + eps)`` within each prompt's group of
   samples.
+- ``adaptive_kl_coef``: the KL coefficient after an episode under Ziegler et al.'s controller.
 - ``agreement``: ``mean(exp(|logp_train - logp_gen|))`` over response tokens (1 when the trainer
   and the generator agree).
 """
@@ -113,6 +114,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     mean = groups.mean(dim=1, keepdim=True)
     std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     return ((groups - mean) / (std + eps)).view(-1)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, samples: int,
+                     horizon: int) -> float:
+    """Ziegler et al. (2019)'s proportional controller: ``coef * (1 + e * samples / horizon)``
+    with ``e = clip(kl / target - 1, -0.2, 0.2)`` (``kl``: the episode's mean KL per
+    sequence, ``samples`` its sequences)."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return coef * (1 + error * samples / horizon)
 
 
 def agreement(logp_train: torch.Tensor, logp_gen: torch.Tensor, mask: torch.Tensor) -> float:

@@ -264,8 +264,9 @@ class RLHFTrainer:
         target = self.rlhf["adaptive_kl_target"]
         if target is None or self.grpo:
             return
-        error = min(max(figures["kl_per_sequence"] / target - 1, -0.2), 0.2)
-        self.kl_coef *= 1 + error * self.schedule.samples / self.rlhf["adaptive_kl_horizon"]
+        self.kl_coef = ppo_math.adaptive_kl_coef(self.kl_coef, figures["kl_per_sequence"],
+                                                 target, self.schedule.samples,
+                                                 self.rlhf["adaptive_kl_horizon"])
 
     def save(self, episode: int) -> None:
         from megatron_patch.training import checkpointing
