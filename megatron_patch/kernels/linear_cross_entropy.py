@@ -47,6 +47,30 @@ def _target_logit(logits, labels, vocab_start: int) -> tuple[torch.Tensor, torch
     return picked, index, inside
 
 
+def _sum_exp(logits, top):
+    return torch.exp(logits - top[:, None]).sum(dim=1)
+
+
+def _softmax_grad(logits, lse, index, inside, grad_losses, dtype):
+    """(softmax - onehot) x the losses' gradient, in ``dtype`` for the matmuls."""
+    probs = torch.exp(logits - lse[:, None])
+    onehot = torch.nn.functional.one_hot(index, logits.shape[1]) * inside[:, None]
+    return ((probs - onehot) * grad_losses[:, None].float()).to(dtype)
+
+
+_FUSED = {}
+
+
+def _fused(function):
+    """``function`` under torch.compile on a GPU (the elementwise work of a chunk in one or two
+    kernels), as it is elsewhere."""
+    if not torch.cuda.is_available():
+        return function
+    if function not in _FUSED:
+        _FUSED[function] = torch.compile(function, dynamic=True)
+    return _FUSED[function]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, chunk, group):
@@ -57,8 +81,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             end = min(begin + chunk, tokens)
             logits = _chunk_logits(hidden[begin:end], weight, vocab_start, vocab_size)
             top = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
-            sums = _all_reduce(torch.exp(logits - top[:, None]).sum(dim=1), dist.ReduceOp.SUM,
-                               group)
+            sums = _all_reduce(_fused(_sum_exp)(logits, top), dist.ReduceOp.SUM, group)
             target, _, _ = _target_logit(logits, labels[begin:end], vocab_start)
             target = _all_reduce(target, dist.ReduceOp.SUM, group)
             lse[begin:end] = torch.log(sums) + top
@@ -77,10 +100,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             end = min(begin + chunk, hidden.shape[0])
             part = hidden[begin:end]
             logits = _chunk_logits(part, weight, vocab_start, vocab_size)
-            probs = torch.exp(logits - lse[begin:end, None])
             _, index, inside = _target_logit(logits, labels[begin:end], vocab_start)
-            probs[torch.arange(end - begin, device=probs.device), index] -= inside.float()
-            grad = (probs * grad_losses[begin:end, None].float()).to(weight.dtype)
+            grad = _fused(_softmax_grad)(logits, lse[begin:end], index, inside,
+                                         grad_losses[begin:end], weight.dtype)
             grad_hidden[begin:end] = grad @ weight
             grad_weight += (grad.t() @ part).float()
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
