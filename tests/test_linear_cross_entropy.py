@@ -1,4 +1,5 @@
-"""megatron_patch/kernels/linear_cross_entropy.py against plain PyTorch: the per-token losses and
+"""megatron_patch/kernels/linear_cross_entropy.py against plain PyTorch: the per-token losses (and
+the weighted sum whose gradients are made in the forward pass) and
 the gradients of the hidden states and the weight equal ``cross_entropy(hidden @ weight.T)``
 with padded vocabulary rows at -inf, for any chunk size, and with the vocabulary split over two
 gloo ranks (each holding half the rows) the losses and the summed hidden gradient are the same
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from megatron_patch.kernels.linear_cross_entropy import linear_cross_entropy
+from megatron_patch.kernels.linear_cross_entropy import (linear_cross_entropy,
+                                                         weighted_linear_cross_entropy)
 
 VOCAB, PADDED, HIDDEN = 37, 40, 16
 
@@ -50,6 +52,22 @@ def test_losses_and_gradients_equal_plain_cross_entropy(chunk):
     assert (ours_weight.grad[VOCAB:] == 0).all()  # padded rows get nothing
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_the_weighted_sum_with_gradients_made_in_the_forward(chunk):
+    hidden, weight, labels, scale = inputs(seed=2)
+    expected, ref_hidden, ref_weight = reference(hidden, weight, labels, VOCAB)
+    (0.5 * (expected * scale).sum()).backward()
+    ours_hidden = hidden.clone().requires_grad_()
+    ours_weight = weight.clone().requires_grad_()
+    total, losses = weighted_linear_cross_entropy(ours_hidden, ours_weight, labels, scale, 0,
+                                                  VOCAB, chunk=chunk)
+    (0.5 * total).backward()  # a scale after the loss (the schedule's 1 / tokens) reaches both
+    assert torch.allclose(losses.reshape(-1), expected.detach(), atol=1e-5)
+    assert total.item() == pytest.approx((expected * scale).sum().item(), rel=1e-6)
+    assert torch.allclose(ours_hidden.grad, ref_hidden.grad, atol=1e-5)
+    assert torch.allclose(ours_weight.grad, ref_weight.grad, atol=1e-5)
+
+
 def _two_ranks(rank, port, results):
     import torch.distributed as dist
 
@@ -64,6 +82,11 @@ def _two_ranks(rank, port, results):
                                       group=dist.group.WORLD)
         (losses.reshape(-1) * scale).sum().backward()
         results[rank] = (losses.detach(), hidden.grad, shard.grad)
+        hidden.grad = shard.grad = None
+        total, _ = weighted_linear_cross_entropy(hidden, shard, labels, scale, rank * rows,
+                                                 VOCAB, chunk=4, group=dist.group.WORLD)
+        total.backward()
+        results[rank + 2] = (total.detach(), hidden.grad, shard.grad)
     finally:
         dist.destroy_process_group()
 
@@ -80,6 +103,11 @@ def test_vocabulary_split_over_two_ranks_gives_the_same_losses_and_gradients():
     for rank in (0, 1):
         losses, grad_hidden, grad_shard = results[rank]
         assert torch.allclose(losses.reshape(-1), expected, atol=1e-5)
+        assert torch.allclose(grad_hidden, ref_hidden.grad, atol=1e-5)
+        assert torch.allclose(grad_shard, ref_weight.grad[rank * rows:(rank + 1) * rows],
+                              atol=1e-5)
+        total, grad_hidden, grad_shard = results[rank + 2]  # the weighted sum's
+        assert total.item() == pytest.approx((expected * scale).sum().item(), rel=1e-6)
         assert torch.allclose(grad_hidden, ref_hidden.grad, atol=1e-5)
         assert torch.allclose(grad_shard, ref_weight.grad[rank * rows:(rank + 1) * rows],
                               atol=1e-5)

@@ -14,6 +14,8 @@ rows at or past ``vocab_size`` (padding) take no probability and get no gradient
 
 Memory: ``chunk x V_local`` fp32 at a time instead of ``N x V_local`` (plus megatron-core's
 fp32 copy for its cross-entropy); the cost is one more logits matmul in the backward.
+``weighted_linear_cross_entropy`` returns the weighted sum instead (a scalar loss) and makes both
+gradients in the forward pass, so nothing is recomputed: three matmuls, as the unfused path.
 """
 from __future__ import annotations
 
@@ -107,6 +109,61 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_weight += (grad.t() @ part).float()
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+class WeightedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_i w_i loss_i`` with the gradients made in the forward pass: the loss is a scalar,
+    so its incoming gradient is one number and each chunk's ``(softmax - onehot) x w`` can be
+    turned into both gradients at once (no logits recomputed in the backward, which only
+    scales them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, vocab_start, vocab_size, chunk,
+                group):
+        tokens = hidden.shape[0]
+        losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for begin in range(0, tokens, chunk):
+            end = min(begin + chunk, tokens)
+            part = hidden[begin:end]
+            logits = _chunk_logits(part, weight, vocab_start, vocab_size)
+            top = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
+            sums = _all_reduce(_fused(_sum_exp)(logits, top), dist.ReduceOp.SUM, group)
+            target, index, inside = _target_logit(logits, labels[begin:end], vocab_start)
+            target = _all_reduce(target, dist.ReduceOp.SUM, group)
+            lse = torch.log(sums) + top
+            losses[begin:end] = lse - target
+            grad = _fused(_softmax_grad)(logits, lse, index, inside,
+                                         token_weights[begin:end], weight.dtype)
+            grad_hidden[begin:end] = grad @ weight
+            grad_weight += (grad.t() @ part).float()
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        total = (losses * token_weights.float()).sum()
+        ctx.mark_non_differentiable(losses)
+        return total, losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype),
+                (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None, None,
+                None)
+
+
+def weighted_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                                  labels: torch.Tensor, token_weights: torch.Tensor,
+                                  vocab_start: int = 0, vocab_size: int | None = None,
+                                  chunk: int = DEFAULT_CHUNK, group=None):
+    """(``sum(token_weights x losses)`` with its gradients made in the forward pass, the
+    per-token losses without gradient); ``token_weights``: a loss mask, say."""
+    vocab_size = vocab_start + weight.shape[0] if vocab_size is None else vocab_size
+    total, losses = WeightedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+        token_weights.reshape(-1), vocab_start, vocab_size, chunk, group)
+    return total, losses.view(hidden.shape[:-1])
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -1,6 +1,7 @@
 """The output layer + cross-entropy, forward and backward, three ways on one device in one run:
 megatron-core's path (bf16 logits, its vocab-parallel cross-entropy in fp32), the same under
-torch.compile, and kernels/linear_cross_entropy.py at several chunk sizes; milliseconds per
+torch.compile, and kernels/linear_cross_entropy.py at several chunk sizes (per-token losses,
+and the weighted sum whose gradients are made in the forward); milliseconds per
 step (median of ``--steps``) and peak memory above the inputs.
 
     python toolkits/benchmarks/bench_linear_ce.py [--tokens 8192 --hidden 2048 --vocab 32000]
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_patch import compat
-    from megatron_patch.kernels.linear_cross_entropy import linear_cross_entropy
+    from megatron_patch.kernels.linear_cross_entropy import (linear_cross_entropy,
+                                                             weighted_linear_cross_entropy)
 
     compat.initialize_parallel(1, 1)
     device = compat.device()
@@ -70,13 +72,20 @@ def main(argv=None) -> int:
         cases.append((f"linear_cross_entropy, chunk {chunk}",
                       lambda chunk=chunk: linear_cross_entropy(hidden, weight, labels,
                                                                chunk=chunk)))
+    mean = torch.full((opts.tokens, 1), 1.0 / opts.tokens, device=device)
+    for chunk in map(int, opts.chunks.split(",")):
+        cases.append((f"weighted_linear_cross_entropy (gradients in the forward), chunk {chunk}",
+                      lambda chunk=chunk: weighted_linear_cross_entropy(
+                          hidden, weight, labels, mean, chunk=chunk)))
     reference = None
     for name, loss_of in cases:
         def step():
             hidden.grad = weight.grad = None
-            loss_of().mean().backward()
+            out = loss_of()
+            (out[0] if isinstance(out, tuple) else out.mean()).backward()
         ms, peak = timed(step, opts.steps, device)
-        losses = loss_of().detach().float()
+        out = loss_of()
+        losses = (out[1] if isinstance(out, tuple) else out).detach().float()
         reference = losses if reference is None else reference
         rows.append((name, ms, peak, (losses - reference).abs().max().item()))
     print(f"tokens {opts.tokens}, hidden {opts.hidden}, vocab {opts.vocab}, {dtype}, "
