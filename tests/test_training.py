@@ -169,6 +169,16 @@ def test_first_losses_agree_across_layouts(work, reference, tmp_path, layout):
         assert got[iteration] == pytest.approx(loss, rel=LAYOUT_RTOL), iteration
 
 
+def test_compiled_layers_and_output_layer_train_the_same_losses(work, reference, tmp_path):
+    """--compile-layers and --compile-output-layer (torch.compile of each layer, and of the
+    output layer with its cross-entropy) change no loss beyond float rounding (fp32, CPU)."""
+    pretrain(work, tmp_path / "m.jsonl", "--compile-layers", "--compile-output-layer")
+    got = losses(tmp_path / "m.jsonl")
+    assert sorted(got) == sorted(reference)
+    for iteration, loss in reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=1e-4), iteration
+
+
 RANDOM_INIT = ["--load", "", "--model-family", "llama", "--model-size", "tiny",
                "--tokenizer-type", "HuggingFaceTokenizer"]
 

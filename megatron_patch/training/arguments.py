@@ -105,6 +105,9 @@ def _parallel(parser):
     g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each transformer layer's forward (GPU)")
+    g.add_argument("--compile-output-layer", action="store_true",
+                   help="torch.compile the last stage's output layer with its cross-entropy "
+                        "(being measured for the training-speed issue; the same math)")
 
 
 def _training(parser):

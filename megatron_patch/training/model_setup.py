@@ -257,6 +257,8 @@ def build_bare_model(args, plan: ModelPlan):
     if args.compile_layers:
         for layer in model.decoder.layers:
             layer.forward = compat.compile_megatron(layer.forward)
+    if getattr(args, "compile_output_layer", False) and ps.is_pipeline_last_stage():
+        model._postprocess = compat.compile_megatron(model._postprocess)
     return config, model
 
 

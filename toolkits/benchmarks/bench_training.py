@@ -7,6 +7,7 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
 
   ours            python -m megatron_patch.pretrain --mock-data --bf16 (SDPA core attention)
   ours+compile    same with --compile-layers (each transformer layer under torch.compile)
+  ours+compile+output  also --compile-output-layer (the output layer and its cross-entropy)
   ours(local)     megatron-core's unfused DotProductAttention, for reference
   hf eager        LlamaForCausalLM (sdpa), bf16 autocast, fused AdamW
   hf compiled     the same under torch.compile
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     stacks = {
         "ours": lambda: run_ours(shape, opts, []),
         "ours+compile": lambda: run_ours(shape, opts, ["--compile-layers"]),
+        "ours+compile+output": lambda: run_ours(shape, opts, ["--compile-layers",
+                                                              "--compile-output-layer"]),
         "ours(local)": lambda: run_ours(shape, opts, ["--attention-backend", "local"]),
         "hf eager": lambda: run_hf(shape, opts, False),
         "hf compiled": lambda: run_hf(shape, opts, True),
