@@ -73,6 +73,17 @@ def _fused(function):
     return _FUSED[function]
 
 
+def _chunk_statistics(hidden, weight, labels, vocab_start: int, vocab_size: int, group):
+    """One chunk's (fp32 logits of this rank's rows, log-sum-exp over the whole vocabulary,
+    the label's logit, the label's local index, whether this rank holds it)."""
+    logits = _chunk_logits(hidden, weight, vocab_start, vocab_size)
+    top = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
+    sums = _all_reduce(_fused(_sum_exp)(logits, top), dist.ReduceOp.SUM, group)
+    target, index, inside = _target_logit(logits, labels, vocab_start)
+    target = _all_reduce(target, dist.ReduceOp.SUM, group)
+    return logits, torch.log(sums) + top, target, index, inside
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start, vocab_size, chunk, group):
@@ -81,12 +92,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty_like(losses)
         for begin in range(0, tokens, chunk):
             end = min(begin + chunk, tokens)
-            logits = _chunk_logits(hidden[begin:end], weight, vocab_start, vocab_size)
-            top = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
-            sums = _all_reduce(_fused(_sum_exp)(logits, top), dist.ReduceOp.SUM, group)
-            target, _, _ = _target_logit(logits, labels[begin:end], vocab_start)
-            target = _all_reduce(target, dist.ReduceOp.SUM, group)
-            lse[begin:end] = torch.log(sums) + top
+            _, lse[begin:end], target, _, _ = _chunk_statistics(
+                hidden[begin:end], weight, labels[begin:end], vocab_start, vocab_size, group)
             losses[begin:end] = lse[begin:end] - target
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.settings = (vocab_start, vocab_size, chunk, group)
@@ -127,12 +134,8 @@ class WeightedLinearCrossEntropy(torch.autograd.Function):
         for begin in range(0, tokens, chunk):
             end = min(begin + chunk, tokens)
             part = hidden[begin:end]
-            logits = _chunk_logits(part, weight, vocab_start, vocab_size)
-            top = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
-            sums = _all_reduce(_fused(_sum_exp)(logits, top), dist.ReduceOp.SUM, group)
-            target, index, inside = _target_logit(logits, labels[begin:end], vocab_start)
-            target = _all_reduce(target, dist.ReduceOp.SUM, group)
-            lse = torch.log(sums) + top
+            logits, lse, target, index, inside = _chunk_statistics(
+                part, weight, labels[begin:end], vocab_start, vocab_size, group)
             losses[begin:end] = lse - target
             grad = _fused(_softmax_grad)(logits, lse, index, inside,
                                          token_weights[begin:end], weight.dtype)

@@ -76,13 +76,14 @@ def _sync_time() -> float:
     return time.perf_counter()
 
 
-def global_means(sums: dict, group) -> dict:
-    """``{name: (sum, count)}`` -> ``{name: sum / count}`` over the data-parallel ranks."""
-    names = list(sums)
-    total = torch.tensor([[float(sums[n][0]), float(sums[n][1])] for n in names],
-                         dtype=torch.float64, device=compat.device())
-    dist.all_reduce(total, group=group)
-    return {n: (total[i, 0] / total[i, 1].clamp(min=1)).item() for i, n in enumerate(names)}
+def global_means(sums: dict) -> dict:
+    """``{name: (sum, count)}`` -> ``{name: sum / count}`` over the data-parallel ranks (the
+    training loop's reduce_stats, in fp64)."""
+    from megatron_patch.training.loop import reduce_stats
+
+    return reduce_stats([{name: torch.tensor([float(total), float(count)], dtype=torch.float64,
+                                             device=compat.device())
+                          for name, (total, count) in sums.items()}])
 
 
 class RLHFTrainer:
@@ -245,7 +246,7 @@ class RLHFTrainer:
                           tokens),
             "generated_tokens": (tokens, 1),
         }
-        figures = global_means(sums, self.dp_group)
+        figures = global_means(sums)
         mean = figures["reward_mean"]
         figures["reward_std"] = math.sqrt(max(figures.pop("reward_square") - mean ** 2, 0.0))
         generated = figures.pop("generated_tokens") * dist.get_world_size(self.dp_group)
