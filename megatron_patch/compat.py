@@ -277,6 +277,58 @@ def _fix_distributed_optimizer_torch_adam() -> None:
     cls._set_main_param_and_optimizer_states = set_states
 
 
+def use_fused_optimizer_ops(optimizer, enabled: bool = True) -> list[str]:
+    """With ``enabled`` (the default), the optimizer step on torch's fused and foreach kernels
+    where megatron-core 0.16.1 would fall back to per-tensor Python loops (no Transformer Engine
+    or apex here): the gradient norm, the clipping scale and the main-to-model parameter copy in
+    ``megatron.core.optimizer.{optimizer,clip_grads}`` (kernels/multi_tensor.py), and each torch
+    Adam inside ``optimizer`` (a MegatronOptimizer, chained or not) on its fused kernel.
+    ``enabled=False`` puts megatron-core's own fallbacks back (the module functions are
+    process-wide). Returns what was switched, for the start-up log."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    from megatron_patch.kernels import multi_tensor
+
+    switched = []
+    if clip_grads.multi_tensor_applier in (mcore_utils.local_multi_tensor_applier,
+                                           multi_tensor.multi_tensor_applier):
+        ours = enabled
+        for module in (clip_grads, mcore_optimizer):
+            module.multi_tensor_applier = (multi_tensor.multi_tensor_applier if ours
+                                           else mcore_utils.local_multi_tensor_applier)
+            module.multi_tensor_scale_impl = (multi_tensor.multi_tensor_scale if ours
+                                              else mcore_utils.local_multi_tensor_scale)
+        clip_grads.l2_norm_impl = (multi_tensor.multi_tensor_l2norm if ours
+                                   else mcore_utils.local_multi_tensor_l2_norm)
+        if ours:
+            switched.append("foreach gradient norm, clipping and parameter copies")
+    if enabled:
+        parts = getattr(optimizer, "chained_optimizers", [optimizer])
+        for part in parts:  # bf16: megatron-core copies tensor by tensor (apex has no bf16)
+            if getattr(part, "_dummy_overflow_buf", 0) is None and clip_grads.l2_norm_impl is \
+                    multi_tensor.multi_tensor_l2norm:
+                part._dummy_overflow_buf = torch.zeros(1, dtype=torch.int, device=device())
+        inner = [getattr(part, "optimizer", None) for part in parts]
+        if sum(multi_tensor.use_fused_adam(o) for o in inner if o is not None):
+            switched.append("fused Adam")
+    return switched
+
+
+def enable_gradient_accumulation_fusion() -> None:
+    """megatron-core's ``gradient_accumulation_fusion`` without apex: its linear layers look up
+    ``fused_weight_gradient_mlp_cuda`` at import and refuse the option when apex is absent;
+    give them kernels/grad_accumulation.py instead (idempotent; apex's, if present, stays)."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_patch.kernels import grad_accumulation
+
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = grad_accumulation
+        layers._grad_accum_fusion_available = True
+
+
 def optimizer_config_overrides(config):
     """The parameter-group overrides ``get_megatron_optimizer`` builds by default, with the
     --decoupled-lr group marked ``is_decoupled_lr``.

@@ -94,6 +94,10 @@ MUTATIONS = (
              "        parts.append(scores.float()[..., 0] * part[\"mask\"])",
              "        parts.append(torch.roll(scores.float()[..., 0], 1, 1) * part[\"mask\"])",
              ("tests/test_rlhf.py::test_experience_equals_transformers",)),
+    Mutation("clipping-scale-skipped-in-place", "megatron_patch/kernels/multi_tensor.py",
+             "        torch._foreach_mul_(targets, scale)", "        pass",
+             ("tests/test_fused_optimizer.py::test_scale_and_copy_are_bitwise_megatron_cores_"
+              "fallback",)),
 )
 
 

@@ -179,6 +179,48 @@ def test_compiled_layers_and_output_layer_train_the_same_losses(work, reference,
         assert got[iteration] == pytest.approx(loss, rel=1e-4), iteration
 
 
+@pytest.fixture(scope="module")
+def clipped_reference(work):
+    """The default fast paths with --clip-grad 0.05 (every step clips): (loss, grad norm)s."""
+    metrics = work / "clipped.jsonl"
+    out = pretrain(work, metrics, "--clip-grad", "0.05").stdout
+    assert "optimizer step: foreach gradient norm, clipping and parameter copies, fused Adam" \
+        in out, out
+    rows = [(r["lm_loss"], r["grad_norm"]) for r in map(json.loads, open(metrics))
+            if "lm_loss" in r]
+    assert len(rows) == ITERS and all(norm > 0.05 for _, norm in rows)
+    return rows
+
+
+@pytest.mark.parametrize("flag,note", [
+    ("--no-fused-optimizer", "optimizer step: megatron-core fallbacks"),
+    ("--no-gradient-accumulation-fusion", None)])
+def test_fast_paths_are_megatron_cores_math(work, clipped_reference, tmp_path, flag, note):
+    """Torch's fused AdamW with foreach norm / clipping / copies, and weight gradients
+    accumulated into main_grad inside the GEMM, train the same losses and gradient norms as
+    megatron-core's own paths (the flag turns each off) up to float rounding (fp32, CPU)."""
+    metrics = tmp_path / "m.jsonl"
+    out = pretrain(work, metrics, "--clip-grad", "0.05", flag).stdout
+    assert note is None or note in out, out
+    rows = [(r["lm_loss"], r["grad_norm"]) for r in map(json.loads, open(metrics))
+            if "lm_loss" in r]
+    assert len(rows) == ITERS
+    for (loss, norm), (loss_ref, norm_ref) in zip(rows, clipped_reference):
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        assert norm == pytest.approx(norm_ref, rel=1e-4)
+
+
+def test_pytorch_profiler_writes_a_trace_and_a_table(work, reference, tmp_path):
+    out = pretrain(work, tmp_path / "m.jsonl", "--profile", "--use-pytorch-profiler",
+                   "--profile-step-start", "2", "--profile-step-end", "4",
+                   "--tensorboard-dir", str(tmp_path / "tb")).stdout
+    trace = tmp_path / "tb" / "profile_rank0_iters2-3.pt.trace.json"
+    assert f"profile of iterations 2-3 on rank 0 (trace: {trace})" in out
+    assert "Self CPU time total" in out
+    assert json.load(open(trace))["traceEvents"]
+    assert losses(tmp_path / "m.jsonl") == reference  # profiling changes nothing
+
+
 RANDOM_INIT = ["--load", "", "--model-family", "llama", "--model-size", "tiny",
                "--tokenizer-type", "HuggingFaceTokenizer"]
 

@@ -6,7 +6,7 @@ import argparse
 import math
 
 from megatron_patch.argtypes import positive_int
-from megatron_patch.training import megatron_lm
+from megatron_patch.training import megatron_lm, profiling
 
 
 def _model(parser):
@@ -103,6 +103,10 @@ def _parallel(parser):
                    help="Megatron-LM's name for --recompute-granularity selective")
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="unfused weight gradients: a bf16 gradient per linear layer, then "
+                        "added to the fp32 main_grad (default: the GEMM accumulates into "
+                        "main_grad, as Megatron-LM does with apex)")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each transformer layer's forward (GPU)")
     g.add_argument("--compile-output-layer", action="store_true",
@@ -155,6 +159,10 @@ def _training(parser):
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--no-fused-optimizer", action="store_true",
+                   help="megatron-core's own fallbacks (torch's foreach Adam, per-tensor "
+                        "gradient norm and copies) instead of torch's fused Adam and foreach "
+                        "kernels; the same update up to rounding, for measurements")
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over all tokens of the global batch instead of per "
                         "micro-batch (finetune turns it on)")
@@ -208,6 +216,7 @@ def _logging(parser):
     g.add_argument("--log-interval", type=positive_int, default=10)
     g.add_argument("--metrics-file", help="append one JSON object per iteration here")
     g.add_argument("--tensorboard-dir")
+    profiling.add_arguments(g)
 
 
 def build_parser(prog: str, description: str, extra=None) -> argparse.ArgumentParser:
@@ -246,6 +255,7 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ValueError("--save-interval needs --save")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
+    profiling.check_arguments(args)
     args.compat_notes = megatron_lm.no_effect_notes(args)
     return args
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
+from megatron_patch.training.profiling import StepProfiler
 
 
 def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -178,14 +179,17 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
     for chunk in chunks:
         chunk.train()
     hooks = ParamGatherHooks(args, chunks)
+    profiler = StepProfiler(args)
     last_saved = state["iteration"]  # a resumed run's start is saved already
     started = time.time()
     while state["iteration"] < args.train_iters:
         start = time.time()
+        profiler.before(state["iteration"] + 1)
         stats, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter,
                                                objective)
         hooks.after_step(skipped)
         _synchronize()
+        profiler.after(state["iteration"] + 1)
         state["iteration"] += 1
         state["consumed_train_samples"] += args.global_batch_size
         iteration = state["iteration"]
@@ -203,6 +207,7 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
         if args.exit_interval and iteration >= args.exit_interval or _out_of_time(args, started):
             break
     hooks.close()
+    profiler.close()
     if args.save and last_saved != state["iteration"]:
         save(state["iteration"])
 

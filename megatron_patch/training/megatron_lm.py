@@ -106,10 +106,6 @@ NO_EFFECT = {
     "--fp8-amax-compute-algo": (_VALUE, "FP8 needs Transformer Engine, which is not used"),
     "--fp8-param-gather": (_SWITCH, "FP8 needs Transformer Engine, which is not used"),
     "--tp-comm-overlap": (_SWITCH, "needs Transformer Engine's userbuffers"),
-    "--profile": (_SWITCH, "no profiler is started; use nsys or torch.profiler around the run"),
-    "--profile-step-start": (_VALUE, "no profiler is started"),
-    "--profile-step-end": (_VALUE, "no profiler is started"),
-    "--profile-ranks": (dict(nargs="+"), "no profiler is started"),
     "--log-params-norm": (_SWITCH, "not logged"),
     "--log-num-zeros-in-grad": (_SWITCH, "not logged"),
     "--log-timers-to-tensorboard": (_SWITCH, "not logged"),
@@ -160,7 +156,6 @@ ALWAYS = {
     "--no-bias-swiglu-fusion": (_SWITCH, "megatron_patch runs these unfused"),
     "--no-bias-dropout-fusion": (_SWITCH, "megatron_patch runs these unfused"),
     "--no-rope-fusion": (_SWITCH, "megatron_patch runs these unfused"),
-    "--no-gradient-accumulation-fusion": (_SWITCH, "megatron_patch runs these unfused"),
     "--no-persist-layer-norm": (_SWITCH, "megatron_patch runs these unfused"),
     "--exit-on-missing-checkpoint": (_SWITCH, "a --load that does not exist is an error"),
 }
@@ -312,7 +307,9 @@ HONOURED = (
     "--reset-attention-mask", "--no-mmap-bin-files", "--save", "--load", "--save-interval",
     "--exit-interval", "--exit-duration-in-mins", "--ckpt-format", "--finetune", "--no-load-optim",
     "--no-load-rng", "--eval-interval", "--eval-iters", "--log-interval", "--tensorboard-dir",
-    "--distributed-timeout-minutes", "--use-cpu-initialization",
+    "--distributed-timeout-minutes", "--use-cpu-initialization", "--profile",
+    "--use-pytorch-profiler", "--profile-step-start", "--profile-step-end", "--profile-ranks",
+    "--no-gradient-accumulation-fusion",
 )
 
 

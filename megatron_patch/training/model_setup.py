@@ -233,6 +233,9 @@ def build_bare_model(args, plan: ModelPlan):
 
     cpu_init = args.use_cpu_initialization if args.use_cpu_initialization is not None \
         else not compat.on_gpu()
+    fuse_wgrad = not getattr(args, "no_gradient_accumulation_fusion", False)
+    if fuse_wgrad:
+        compat.enable_gradient_accumulation_fusion()
     config = transformer_config(
         plan.family, plan.model_args, tensor_parallel=args.tensor_model_parallel_size,
         pipeline_parallel=args.pipeline_model_parallel_size, precision=args.precision,
@@ -241,7 +244,8 @@ def build_bare_model(args, plan: ModelPlan):
         use_cpu_initialization=cpu_init, recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method if args.recompute_granularity == "full" else None,
         recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full"
-        else None, calculate_per_token_loss=args.calculate_per_token_loss)
+        else None, calculate_per_token_loss=args.calculate_per_token_loss,
+        gradient_accumulation_fusion=fuse_wgrad)
     model = build_gpt_model(plan.family, plan.model_args, config, plan.padded_vocab_size,
                             ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
                             attention=args.attention_backend)
@@ -297,6 +301,8 @@ def build_optimizer(args, chunks):
         overlap_param_gather=args.overlap_param_gather)
     optimizer = get_megatron_optimizer(config, chunks,
                                        config_overrides=compat.optimizer_config_overrides(config))
+    args.optimizer_kernels = compat.use_fused_optimizer_ops(
+        optimizer, not getattr(args, "no_fused_optimizer", False))
     start_wd = args.weight_decay if args.start_weight_decay is None else args.start_weight_decay
     end_wd = args.weight_decay if args.end_weight_decay is None else args.end_weight_decay
     scheduler = OptimizerParamScheduler(

@@ -132,6 +132,9 @@ def setup(args, data):
                   f"{'it starts' if len(plan.fresh_params) == 1 else 'they start'} from the "
                   f"init (normal, std --init-method-std)", flush=True)
     optimizer, scheduler = model_setup.build_optimizer(args, chunks)
+    if dist.get_rank() == 0:
+        print(f"[megatron_patch] optimizer step: "
+              f"{', '.join(args.optimizer_kernels) or 'megatron-core fallbacks'}", flush=True)
     state = {"iteration": 0, "consumed_train_samples": 0}
     if payload is not None:
         state.update(checkpointing.restore_training_state(args, payload, optimizer, scheduler))

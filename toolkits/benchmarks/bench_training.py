@@ -5,9 +5,13 @@ Default shape (~0.95B parameters): llama, hidden 2048, 16 layers, 16 heads, FFN 
 32000, sequence 2048, micro-batch 4, bf16, one GPU. For each stack it prints tokens/s,
 TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
 
-  ours            python -m megatron_patch.pretrain --mock-data --bf16 (SDPA core attention)
+  ours            python -m megatron_patch.pretrain --mock-data --bf16 (SDPA core attention,
+                  fused AdamW)
   ours+compile    same with --compile-layers (each transformer layer under torch.compile)
   ours+compile+output  also --compile-output-layer (the output layer and its cross-entropy)
+  ours+...+foreach-optimizer  with --no-fused-optimizer (megatron-core's own fallbacks)
+  ours+...+unfused-wgrad  with --no-gradient-accumulation-fusion (bf16 weight gradients, then
+                  added to main_grad)
   ours(local)     megatron-core's unfused DotProductAttention, for reference
   hf eager        LlamaForCausalLM (sdpa), bf16 autocast, fused AdamW
   hf compiled     the same under torch.compile
@@ -164,6 +168,23 @@ def run_hf(shape, opts, compiled: bool) -> dict:
             "seconds": seconds, "peak_gib": peak, "loss": loss.item()}
 
 
+# ``ours+LEVER+...`` stacks: each lever adds its flags to the pretrain command line.
+LEVERS = {
+    "compile": ["--compile-layers"],
+    "output": ["--compile-output-layer"],
+    "foreach-optimizer": ["--no-fused-optimizer"],
+    "unfused-wgrad": ["--no-gradient-accumulation-fusion"],
+}
+
+
+def ours_flags(name: str) -> list[str] | None:
+    """The pretrain flags of stack ``ours[+LEVER...]``; None for another name."""
+    head, *levers = name.split("+")
+    if head != "ours" or any(lever not in LEVERS for lever in levers):
+        return None
+    return [flag for lever in levers for flag in LEVERS[lever]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +193,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="iterations not timed")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=None)
-    parser.add_argument("--stacks", default="ours,ours+compile,ours(local),hf eager,hf compiled")
+    parser.add_argument("--stacks", default="ours,ours+compile,ours+compile+output,hf eager,"
+                                             "hf compiled",
+                        help="comma-separated: ours[+LEVER...] (levers: "
+                             f"{', '.join(LEVERS)}), ours(local), hf eager, hf compiled")
     parser.add_argument("--family", help="a registered family (default: llama's 1B shape)")
     parser.add_argument("--size", help="--family's sizes row, e.g. bloom 1b1, falcon 7b")
     parser.add_argument("--num-layers", type=int, help="with --family: fewer layers than the row")
@@ -187,10 +211,6 @@ def main(argv=None) -> int:
     opts.steps = opts.steps or (6 if opts.tiny else 20)
     opts.warmup = opts.warmup if opts.warmup is not None else (2 if opts.tiny else 5)
     stacks = {
-        "ours": lambda: run_ours(shape, opts, []),
-        "ours+compile": lambda: run_ours(shape, opts, ["--compile-layers"]),
-        "ours+compile+output": lambda: run_ours(shape, opts, ["--compile-layers",
-                                                              "--compile-output-layer"]),
         "ours(local)": lambda: run_ours(shape, opts, ["--attention-backend", "local"]),
         "hf eager": lambda: run_hf(shape, opts, False),
         "hf compiled": lambda: run_hf(shape, opts, True),
@@ -205,19 +225,28 @@ def main(argv=None) -> int:
         shape = {"family": f"{opts.family} {opts.size}", **shape}
     print(f"shape {shape}, seq {opts.seq_length}, micro-batch {opts.micro_batch_size}, "
           f"{'fp32' if opts.tiny else 'bf16'}, {opts.steps} steps ({opts.warmup} warm-up), {gpu}")
-    print(f"{'stack':<14} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'loss':>8}")
+    names = [s.strip() for s in opts.stacks.split(",")]
+    width = max(14, *(len(name) for name in names))
+    print(f"{'stack':<{width}} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'loss':>8}")
     results = {}
-    for name in [s.strip() for s in opts.stacks.split(",")]:
-        result = results[name] = stacks[name]()
+    for name in names:
+        if name not in stacks and ours_flags(name) is None:
+            parser.error(f"--stacks: unknown stack {name!r}; one of {', '.join(stacks)} or "
+                         f"ours[+LEVER...] with levers {', '.join(LEVERS)}")
+    for name in names:
+        run = stacks.get(name) or (lambda: run_ours(shape, opts, ours_flags(name)))
+        result = results[name] = run()
         if "error" in result:
-            print(f"{name:<14} failed: {result['error']}")
+            print(f"{name:<{width}} failed: {result['error']}")
             continue
-        print(f"{name:<14} {result['tokens_per_sec']:>10.0f} {flops / result['seconds'] / 1e12:>8.1f}"
+        print(f"{name:<{width}} {result['tokens_per_sec']:>10.0f} {flops / result['seconds'] / 1e12:>8.1f}"
               f" {result['peak_gib']:>9.1f} {result['loss']:>8.3f}", flush=True)
     base = results.get("hf compiled", {}).get("tokens_per_sec")
-    if base and "tokens_per_sec" in results.get("ours", {}):
-        best = max(r.get("tokens_per_sec", 0) for k, r in results.items() if k.startswith("ours"))
-        print(f"best of ours / hf compiled: {best / base:.2f}x")
+    ours = {k: r["tokens_per_sec"] for k, r in results.items()
+            if k.startswith("ours") and "tokens_per_sec" in r}
+    if base and ours:
+        best = max(ours, key=ours.get)
+        print(f"best of ours ({best}) / hf compiled: {ours[best] / base:.2f}x")
     return 0
 
 
