@@ -291,28 +291,24 @@ def use_fused_optimizer_ops(optimizer, enabled: bool = True) -> list[str]:
 
     from megatron_patch.kernels import multi_tensor
 
-    switched = []
-    if clip_grads.multi_tensor_applier in (mcore_utils.local_multi_tensor_applier,
-                                           multi_tensor.multi_tensor_applier):
-        ours = enabled
+    # Without Transformer Engine / apex, megatron-core calls its local applier on these.
+    fallbacks = clip_grads.multi_tensor_applier is mcore_utils.local_multi_tensor_applier
+    if fallbacks:
         for module in (clip_grads, mcore_optimizer):
-            module.multi_tensor_applier = (multi_tensor.multi_tensor_applier if ours
-                                           else mcore_utils.local_multi_tensor_applier)
-            module.multi_tensor_scale_impl = (multi_tensor.multi_tensor_scale if ours
+            module.multi_tensor_scale_impl = (multi_tensor.multi_tensor_scale if enabled
                                               else mcore_utils.local_multi_tensor_scale)
-        clip_grads.l2_norm_impl = (multi_tensor.multi_tensor_l2norm if ours
+        clip_grads.l2_norm_impl = (multi_tensor.multi_tensor_l2norm if enabled
                                    else mcore_utils.local_multi_tensor_l2_norm)
-        if ours:
-            switched.append("foreach gradient norm, clipping and parameter copies")
-    if enabled:
-        parts = getattr(optimizer, "chained_optimizers", [optimizer])
-        for part in parts:  # bf16: megatron-core copies tensor by tensor (apex has no bf16)
-            if getattr(part, "_dummy_overflow_buf", 0) is None and clip_grads.l2_norm_impl is \
-                    multi_tensor.multi_tensor_l2norm:
-                part._dummy_overflow_buf = torch.zeros(1, dtype=torch.int, device=device())
-        inner = [getattr(part, "optimizer", None) for part in parts]
-        if sum(multi_tensor.use_fused_adam(o) for o in inner if o is not None):
-            switched.append("fused Adam")
+    if not enabled:
+        return []
+    switched = ["foreach gradient norm, clipping and parameter copies"] if fallbacks else []
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in parts:  # bf16: megatron-core copies tensor by tensor (apex has no bf16)
+        if fallbacks and getattr(part, "_dummy_overflow_buf", 0) is None:
+            part._dummy_overflow_buf = torch.zeros(1, dtype=torch.int, device=device())
+    inner = [getattr(part, "optimizer", None) for part in parts]
+    if sum(multi_tensor.use_fused_adam(o) for o in inner if o is not None):
+        switched.append("fused Adam")
     return switched
 
 

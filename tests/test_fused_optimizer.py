@@ -20,8 +20,10 @@ def test_l2norm_is_the_norm_of_all_elements(dtype):
 
     parts = tensors(dtype=dtype)
     flag = torch.zeros(1, dtype=torch.int)
-    norm, per_tensor = multi_tensor.multi_tensor_applier(multi_tensor.multi_tensor_l2norm, flag,
-                                                         [parts], False)
+    from megatron.core.utils import local_multi_tensor_applier
+
+    norm, per_tensor = local_multi_tensor_applier(multi_tensor.multi_tensor_l2norm, flag,
+                                                  [parts], False)
     expected = torch.cat([p.double().flatten() for p in parts]).norm()
     assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
     assert norm.item() == pytest.approx(expected.item(), rel=1e-6)

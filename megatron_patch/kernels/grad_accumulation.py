@@ -8,20 +8,19 @@ to ``main_grad`` (one more read and write of every gradient per micro-batch). Fu
 adds ``grad_output^T @ input`` to ``main_grad`` in its epilogue (``torch.addmm`` with
 ``out_dtype`` fp32 on CUDA), so the product is also never rounded to bf16 first.
 
-The accumulation is a ``torch.library`` custom op that declares the buffer it mutates, so
-torch.compile (``--compile-layers``) keeps it as one opaque call in the compiled backward.
 compat.enable_gradient_accumulation_fusion installs this module where megatron-core looks for
-apex's.
+apex's. It stays off with ``--compile-layers``: megatron-core's linear backward writes
+attributes (``weight.main_grad``, ``grad_added_to_main_grad``), which breaks the compiled graph
+at every linear (measured slower on an H200).
 """
 from __future__ import annotations
 
 import torch
 
 
-@torch.library.custom_op("megatron_patch::wgrad_accumulate", mutates_args=("main_grad",))
-def wgrad_accumulate(total_input: torch.Tensor, grad_output: torch.Tensor,
-                     main_grad: torch.Tensor) -> None:
-    """``main_grad += grad_output^T @ total_input`` (2-D [tokens, out] and [tokens, in])."""
+def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad) -> None:
+    """apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32``: ``main_grad +=
+    grad_output^T @ total_input`` (2-D [tokens, out] and [tokens, in])."""
     a, b = grad_output.t(), total_input
     if a.dtype == main_grad.dtype:
         main_grad.addmm_(a, b)
@@ -31,16 +30,5 @@ def wgrad_accumulate(total_input: torch.Tensor, grad_output: torch.Tensor,
         main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
 
 
-@wgrad_accumulate.register_fake
-def _(total_input, grad_output, main_grad):
-    return None
-
-
-def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad) -> None:
-    """apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32``."""
-    wgrad_accumulate(total_input, grad_output, main_grad)
-
-
-def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad) -> None:
-    """apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16`` (a bf16/fp16 buffer)."""
-    wgrad_accumulate(total_input, grad_output, main_grad)
+# apex's bf16/fp16-buffer variant: the same contract.
+wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32

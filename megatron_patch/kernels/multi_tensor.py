@@ -1,5 +1,6 @@
 """The optimizer's multi-tensor operations on torch's foreach / fused kernels, for a
-megatron-core without Transformer Engine or apex (compat.use_fused_optimizer_ops installs them).
+megatron-core without Transformer Engine or apex (compat.use_fused_optimizer_ops installs them;
+megatron-core's own ``local_multi_tensor_applier`` calls them).
 
 megatron-core 0.16.1's fallbacks for those libraries' kernels (``megatron.core.utils``) loop
 over the parameters in Python: the gradient norm takes one ``torch.norm`` per tensor and then
@@ -41,11 +42,6 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(targets, sources)
     else:
         torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
-
-
-def multi_tensor_applier(op, noop_flag_buffer, tensor_lists, *args):
-    """apex's ``multi_tensor_applier(op, overflow_buffer, lists, *args)``."""
-    return op(2048 * 32, noop_flag_buffer, tensor_lists, *args)
 
 
 def _fused_supported(optimizer) -> bool:

@@ -106,7 +106,8 @@ def _parallel(parser):
     g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
                    help="unfused weight gradients: a bf16 gradient per linear layer, then "
                         "added to the fp32 main_grad (default: the GEMM accumulates into "
-                        "main_grad, as Megatron-LM does with apex)")
+                        "main_grad, as Megatron-LM does with apex; off with --compile-layers, "
+                        "where it measured slower)")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each transformer layer's forward (GPU)")
     g.add_argument("--compile-output-layer", action="store_true",

@@ -184,15 +184,15 @@ def run_training(args, state, chunks, optimizer, scheduler, train_iter, make_val
     started = time.time()
     while state["iteration"] < args.train_iters:
         start = time.time()
-        profiler.before(state["iteration"] + 1)
+        iteration = state["iteration"] + 1
+        profiler.before(iteration)
         stats, grad_norm, skipped = train_step(args, chunks, optimizer, scheduler, train_iter,
                                                objective)
         hooks.after_step(skipped)
         _synchronize()
-        profiler.after(state["iteration"] + 1)
-        state["iteration"] += 1
+        profiler.after(iteration)
+        state["iteration"] = iteration
         state["consumed_train_samples"] += args.global_batch_size
-        iteration = state["iteration"]
         logger.record(iteration, time.time() - start, stats, reported_lr(optimizer), grad_norm,
                       optimizer.get_loss_scale().item(), skipped, state["consumed_train_samples"])
         if args.eval_iters and args.eval_interval and iteration % args.eval_interval == 0 \
