@@ -299,6 +299,10 @@ def use_fused_optimizer_ops(optimizer, enabled: bool = True) -> list[str]:
                                               else mcore_utils.local_multi_tensor_scale)
         clip_grads.l2_norm_impl = (multi_tensor.multi_tensor_l2norm if enabled
                                    else mcore_utils.local_multi_tensor_l2_norm)
+    # Clipping inside fused Adam's kernel (its own parameters only; the rest as before).
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = (
+        multi_tensor.clip_grad_by_total_norm_fp32 if enabled
+        else clip_grads.clip_grad_by_total_norm_fp32)
     if not enabled:
         return []
     switched = ["foreach gradient norm, clipping and parameter copies"] if fallbacks else []

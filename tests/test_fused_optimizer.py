@@ -125,3 +125,43 @@ def test_weight_gradient_accumulates_into_main_grad(dtype):
     grad_accumulation.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
     assert main_grad.data_ptr() == buffer and main_grad.dtype == torch.float32
     torch.testing.assert_close(main_grad.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_clipping_inside_fused_adam_is_clipping_the_gradients():
+    """clip_grad_by_total_norm_fp32 hands fused Adam the scale (grad_scale) instead of scaling
+    the grads: the step equals megatron-core's clip-then-step, and the next unclipped step is
+    not scaled again."""
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_patch import compat
+
+    compat.enable_cpu_mode()  # megatron-core's clipping asserts its grads are cuda floats
+
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    start, grads = tensors(5), [tensors(20 + k) for k in range(3)]
+    norms = [torch.cat([g.flatten() for g in step]).norm().item() for step in grads]
+    max_norms = [norms[0] / 3, norms[1] * 2, norms[2] / 5]  # clip, no clip, clip
+    results = []
+    for ours in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, **hyper)
+        multi_tensor.use_fused_adam(optimizer)
+        clip = multi_tensor.clip_grad_by_total_norm_fp32 if ours \
+            else clip_grads.clip_grad_by_total_norm_fp32
+        for step, max_norm, norm in zip(grads, max_norms, norms):
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            clip(params, max_norm, norm)
+            assert (getattr(optimizer, "grad_scale", None) is not None) == (ours and max_norm < norm)
+            optimizer.step()
+            assert getattr(optimizer, "grad_scale", None) is None
+        results.append(params)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    # Parameters of no fused Adam (or of two) are scaled in place, as megatron-core does.
+    loose = [torch.nn.Parameter(p.clone()) for p in start]
+    for p, g in zip(loose, grads[0]):
+        p.grad = g.clone()
+    multi_tensor.clip_grad_by_total_norm_fp32(loose, max_norms[0], norms[0])
+    for p, g in zip(loose, grads[0]):
+        torch.testing.assert_close(p.grad, g * (max_norms[0] / (norms[0] + 1e-6)))

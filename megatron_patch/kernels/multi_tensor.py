@@ -16,8 +16,16 @@ launches and without a synchronisation:
   launch for all parameters, on CUDA and CPU) instead of the foreach default. The same update
   (torch's implementation of it; see tests/test_fused_optimizer.py), kept through
   ``load_state_dict``, which would otherwise restore the saved groups' flags.
+* :func:`clip_grad_by_total_norm_fp32`: megatron-core's gradient clipping for the parameters of
+  one such fused Adam done inside its kernel, which divides each gradient by ``grad_scale``
+  as it reads it (the hook torch's GradScaler uses): ``grad_scale = 1 / clip_coeff`` instead of
+  a pass over every gradient (2.1 of 102 ms per step of the 0.95B shape on an H200). The same
+  clipped gradients up to the rounding of that reciprocal; other parameters take megatron-core's
+  own multiply.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -61,6 +69,10 @@ def _set_fused(optimizer) -> None:
                 state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
+def _clear_grad_scale(optimizer, args, kwargs) -> None:
+    optimizer.grad_scale = None
+
+
 def use_fused_adam(optimizer) -> bool:
     """Switch a torch Adam / AdamW to its fused kernel (now and after every load_state_dict).
     False, leaving it as it is, for another optimizer or parameters fused does not take."""
@@ -69,6 +81,40 @@ def use_fused_adam(optimizer) -> bool:
         return False
     if not getattr(optimizer, "_megatron_patch_fused", False):
         optimizer.register_load_state_dict_post_hook(_set_fused)
+        # A clipping scale is for one step (clip_grad_by_total_norm_fp32 sets it before it).
+        optimizer.register_step_post_hook(_clear_grad_scale)
         optimizer._megatron_patch_fused = True
+        owner = weakref.ref(optimizer)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param._megatron_patch_fused_adam = owner
     _set_fused(optimizer)
     return True
+
+
+def _fused_owner(params):
+    """The one fused Adam that steps exactly ``params`` (those with a gradient), else None."""
+    refs = {getattr(p, "_megatron_patch_fused_adam", None) for p in params}
+    if len(refs) != 1 or None in refs:
+        return None
+    optimizer = refs.pop()()
+    if optimizer is None or not all(group["fused"] for group in optimizer.param_groups):
+        return None
+    stepped = [p for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None]
+    return optimizer if len(stepped) == len(params) else None
+
+
+def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's ``clip_grad_by_total_norm_fp32``; for the parameters of one fused Adam
+    the scale goes to its ``grad_scale`` (applied in its next step) instead of into the grads."""
+    from megatron.core.optimizer import clip_grads
+
+    params = [p for p in parameters if p.grad is not None]
+    owner = None if use_decoupled_grad else _fused_owner(params)
+    if owner is None:
+        return clip_grads.clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm,
+                                                       use_decoupled_grad)
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    owner.grad_scale = (torch.full((), 1.0 / clip_coeff, dtype=torch.float32,
+                                   device=params[0].grad.device) if clip_coeff < 1.0 else None)
