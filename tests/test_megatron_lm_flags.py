@@ -68,7 +68,8 @@ def llama3_script(data, out, *extra):
 def native(data, out):
     """The same model and schedule in megatron_patch's vocabulary: iterations, not samples;
     no overlap; a --model-family; nothing that has no effect."""
-    return ["-m", "megatron_patch.pretrain", "--model-family", "llama", "--num-layers", "2",
+    return ["-m", "megatron_patch.pretrain", "--model-family", "llama", "--fp8-format", "hybrid",
+            "--num-layers", "2",
             "--hidden-size", "64", "--ffn-hidden-size", "160", "--num-attention-heads", "4",
             "--num-query-groups", "2", "--seq-length", "64", "--rotary-base", "1000000",
             "--init-method-std", "0.0134", "--untie-embeddings-and-output-weights",
@@ -96,9 +97,11 @@ def test_megatron_lm_llama_script_runs_resumes_and_matches_native_flags(data, tm
     assert "holds no checkpoint yet: starting from scratch" in first.stdout
     assert "--profile: cudaProfilerStart/Stop need a GPU; iterations 4-5 are not profiled" \
         not in first.stdout  # the run stops at iteration 2, before the profiled range
-    for flag in ("--manual-gc", "--fp8-format", "--cross-entropy-loss-fusion",
+    for flag in ("--manual-gc", "--fp8-amax-history-len", "--cross-entropy-loss-fusion",
                  "--empty-unused-memory-level", "--ckpt-format torch_dist"):
         assert f"{flag} has no effect here" in first.stdout, flag
+    # Megatron-LM's default recipe is delayed scaling; the one here is tensorwise, and says so.
+    assert "FP8 (hybrid, tensorwise scaling)" in first.stdout
     assert "llama: 2 layers, hidden 64, heads 4/2, vocab 300 (padded 384)" in first.stdout
     second = run_torchrun(llama3_script(data, mlm, "--ddp-bucket-size", "2000"))
     assert "resumed from" in second.stdout and "at iteration 2" in second.stdout

@@ -98,6 +98,15 @@ MUTATIONS = (
              "        torch._foreach_mul_(targets, scale)", "        pass",
              ("tests/test_fused_optimizer.py::test_scale_and_copy_are_bitwise_megatron_cores_"
               "fallback",)),
+    Mutation("fp8-hybrid-gradients-in-e4m3", "megatron_patch/kernels/fp8.py",
+             'torch.float8_e4m3fn if self.format == "e4m3" else torch.float8_e5m2',
+             "torch.float8_e4m3fn",
+             ("tests/test_fp8.py::test_linear_forward_and_backward_are_the_fp8_operands_"
+              "multiplied",)),
+    Mutation("clip-scale-not-inverted-for-fused-adam", "megatron_patch/kernels/multi_tensor.py",
+             "torch.full((), 1.0 / clip_coeff", "torch.full((), clip_coeff",
+             ("tests/test_fused_optimizer.py::test_clipping_inside_fused_adam_is_clipping_the_"
+              "gradients",)),
 )
 
 

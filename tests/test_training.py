@@ -210,6 +210,33 @@ def test_fast_paths_are_megatron_cores_math(work, clipped_reference, tmp_path, f
         assert norm == pytest.approx(norm_ref, rel=1e-4)
 
 
+def test_fp8_trains_as_bf16_does_resumes_exactly_and_splits_under_tp(work, tmp_path):
+    """--fp8-format hybrid (tensorwise scaling, torch._scaled_mm on CPU): the losses follow
+    bf16's within FP8's rounding; the recipe keeps no state, so a resume is exact; TP2 with
+    sequence parallelism (its all-gather / reduce-scatter around the FP8 GEMMs) agrees with TP1
+    up to the per-shard scales."""
+    fp8 = ["--bf16", "--fp8-format", "hybrid"]
+    pretrain(work, tmp_path / "bf16.jsonl", "--bf16")
+    out = pretrain(work, tmp_path / "fp8.jsonl", *fp8).stdout
+    assert "FP8 (hybrid, tensorwise scaling): 8 linear layers" in out, out
+    bf16, got = losses(tmp_path / "bf16.jsonl"), losses(tmp_path / "fp8.jsonl")
+    assert sorted(got) == sorted(bf16) and got != bf16  # FP8 did change the GEMMs
+    for iteration, loss in bf16.items():
+        assert got[iteration] == pytest.approx(loss, rel=0.01), iteration
+
+    ckpt = tmp_path / "ckpt"
+    pretrain(work, tmp_path / "part.jsonl", *fp8, "--save", str(ckpt), "--exit-interval", "3")
+    pretrain(work, tmp_path / "part.jsonl", *fp8, "--load", str(ckpt))
+    assert losses(tmp_path / "part.jsonl") == got
+
+    pretrain(work, tmp_path / "tp2.jsonl", *fp8, "--tensor-model-parallel-size", "2",
+             "--sequence-parallel", nproc=2)
+    tp2 = losses(tmp_path / "tp2.jsonl")
+    assert sorted(tp2) == sorted(got)
+    for iteration, loss in got.items():
+        assert tp2[iteration] == pytest.approx(loss, rel=0.01), iteration
+
+
 def test_pytorch_profiler_writes_a_trace_and_a_table(work, reference, tmp_path):
     out = pretrain(work, tmp_path / "m.jsonl", "--profile", "--use-pytorch-profiler",
                    "--profile-step-start", "2", "--profile-step-end", "4",

@@ -13,7 +13,13 @@ def iter_stdlib_docstrings(min_chars: int = 200, max_files: int | None = None) -
 
     Files are visited in sorted order, so the corpus is the same on every run of one Python.
     """
-    root = sysconfig.get_paths()["stdlib"]
+    yield from iter_docstrings(sysconfig.get_paths()["stdlib"], min_chars, max_files)
+
+
+def iter_docstrings(root: str, min_chars: int = 200,
+                    max_files: int | None = None) -> Iterator[str]:
+    """Yield the docstrings of the ``.py`` files under ``root`` (a package directory), in
+    sorted order; tests, IDLE, site-packages and caches are skipped."""
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "idlelib",

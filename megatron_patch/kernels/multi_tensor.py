@@ -69,6 +69,11 @@ def _set_fused(optimizer) -> None:
                 state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
+# The optimizers use_fused_adam switched (not an attribute on the parameters: those are
+# pickled with their attributes when a checkpoint is saved).
+_FUSED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _clear_grad_scale(optimizer, args, kwargs) -> None:
     optimizer.grad_scale = None
 
@@ -84,25 +89,19 @@ def use_fused_adam(optimizer) -> bool:
         # A clipping scale is for one step (clip_grad_by_total_norm_fp32 sets it before it).
         optimizer.register_step_post_hook(_clear_grad_scale)
         optimizer._megatron_patch_fused = True
-        owner = weakref.ref(optimizer)
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                param._megatron_patch_fused_adam = owner
+        _FUSED.add(optimizer)
     _set_fused(optimizer)
     return True
 
 
 def _fused_owner(params):
-    """The one fused Adam that steps exactly ``params`` (those with a gradient), else None."""
-    refs = {getattr(p, "_megatron_patch_fused_adam", None) for p in params}
-    if len(refs) != 1 or None in refs:
-        return None
-    optimizer = refs.pop()()
-    if optimizer is None or not all(group["fused"] for group in optimizer.param_groups):
-        return None
-    stepped = [p for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None]
-    return optimizer if len(stepped) == len(params) else None
+    """The fused Adam that steps exactly ``params`` (those with a gradient), else None."""
+    for optimizer in list(_FUSED):
+        stepped = [p for group in optimizer.param_groups for p in group["params"]
+                   if p.grad is not None]
+        if len(stepped) == len(params) and all(a is b for a, b in zip(stepped, params)):
+            return optimizer if all(group["fused"] for group in optimizer.param_groups) else None
+    return None
 
 
 def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):

@@ -108,6 +108,16 @@ def _parallel(parser):
                         "added to the fp32 main_grad (default: the GEMM accumulates into "
                         "main_grad, as Megatron-LM does with apex; off with --compile-layers, "
                         "where it measured slower)")
+    g.add_argument("--fp8-format", choices=("e4m3", "hybrid"),
+                   help="FP8 GEMMs in the transformer layers' linear layers (torch._scaled_mm, "
+                        "no Transformer Engine): e4m3 everywhere, or hybrid (E5M2 gradients); "
+                        "the embedding and output layer stay in --bf16/--fp16")
+    g.add_argument("--fp8-recipe", choices=("tensorwise", "delayed", "mxfp8", "blockwise"),
+                   default="tensorwise",
+                   help="scaling: tensorwise (each tensor scaled by its current absolute max), "
+                        "the one implemented here, hence the default (Megatron-LM's is delayed)")
+    g.add_argument("--fp8-margin", type=int, default=0,
+                   help="scale down by 2**margin below the format's maximum")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each transformer layer's forward (GPU)")
     g.add_argument("--compile-output-layer", action="store_true",
@@ -256,6 +266,13 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ValueError("--save-interval needs --save")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.fp8_format and args.fp8_recipe != "tensorwise":
+        raise ValueError(f"--fp8-recipe {args.fp8_recipe} is not implemented (it needs "
+                         f"Transformer Engine); use --fp8-recipe tensorwise (per-tensor current "
+                         f"scaling through torch._scaled_mm)")
+    if args.fp8_format and (args.micro_batch_size * args.seq_length) % 16:
+        raise ValueError(f"--fp8-format needs --micro-batch-size x --seq-length to be a multiple "
+                         f"of 16 (FP8 GEMMs); got {args.micro_batch_size} x {args.seq_length}")
     profiling.check_arguments(args)
     args.compat_notes = megatron_lm.no_effect_notes(args)
     return args

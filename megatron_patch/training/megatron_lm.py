@@ -99,12 +99,9 @@ NO_EFFECT = {
     "--manual-gc": (_SWITCH, "Python's garbage collector runs as usual"),
     "--manual-gc-interval": (_VALUE, "Python's garbage collector runs as usual"),
     "--empty-unused-memory-level": (_VALUE, "the CUDA cache is not emptied between steps"),
-    "--fp8-format": (_VALUE, "FP8 needs Transformer Engine, which is not used: training runs "
-                             "in the --bf16/--fp16/fp32 precision"),
-    "--fp8-recipe": (_VALUE, "FP8 needs Transformer Engine, which is not used"),
-    "--fp8-amax-history-len": (_VALUE, "FP8 needs Transformer Engine, which is not used"),
-    "--fp8-amax-compute-algo": (_VALUE, "FP8 needs Transformer Engine, which is not used"),
-    "--fp8-param-gather": (_SWITCH, "FP8 needs Transformer Engine, which is not used"),
+    "--fp8-amax-history-len": (_VALUE, "the delayed recipe's; tensorwise keeps no history"),
+    "--fp8-amax-compute-algo": (_VALUE, "the delayed recipe's; tensorwise keeps no history"),
+    "--fp8-param-gather": (_SWITCH, "the parameters stay in bf16 (FP8 is in the GEMMs)"),
     "--tp-comm-overlap": (_SWITCH, "needs Transformer Engine's userbuffers"),
     "--log-params-norm": (_SWITCH, "not logged"),
     "--log-num-zeros-in-grad": (_SWITCH, "not logged"),
@@ -309,7 +306,7 @@ HONOURED = (
     "--no-load-rng", "--eval-interval", "--eval-iters", "--log-interval", "--tensorboard-dir",
     "--distributed-timeout-minutes", "--use-cpu-initialization", "--profile",
     "--use-pytorch-profiler", "--profile-step-start", "--profile-step-end", "--profile-ranks",
-    "--no-gradient-accumulation-fusion",
+    "--no-gradient-accumulation-fusion", "--fp8-format", "--fp8-recipe", "--fp8-margin",
 )
 
 

@@ -261,6 +261,11 @@ def build_bare_model(args, plan: ModelPlan):
                            args.seed, args.tensor_model_parallel_size,
                            ps.get_tensor_model_parallel_rank(),
                            args.pipeline_model_parallel_size, ps.get_pipeline_model_parallel_rank())
+    if getattr(args, "fp8_format", None):
+        from megatron_patch.kernels import fp8
+
+        args.fp8_linears = fp8.use_fp8_linears(model, fp8.Fp8Recipe(args.fp8_format,
+                                                                    args.fp8_margin))
     if args.compile_layers:
         for layer in model.decoder.layers:
             layer.forward = compat.compile_megatron(layer.forward)

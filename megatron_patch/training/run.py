@@ -132,6 +132,11 @@ def setup(args, data):
                   f"{'it starts' if len(plan.fresh_params) == 1 else 'they start'} from the "
                   f"init (normal, std --init-method-std)", flush=True)
     optimizer, scheduler = model_setup.build_optimizer(args, chunks)
+    if dist.get_rank() == 0 and args.fp8_format:
+        print(f"[megatron_patch] FP8 ({args.fp8_format}, tensorwise scaling): "
+              f"{args.fp8_linears} linear layers of the transformer layers on this rank's stage "
+              f"run torch._scaled_mm; the embedding and output layer stay in {args.precision}",
+              flush=True)
     if dist.get_rank() == 0:
         print(f"[megatron_patch] optimizer step: "
               f"{', '.join(args.optimizer_kernels) or 'megatron-core fallbacks'}", flush=True)

@@ -12,6 +12,9 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
   ours+...+foreach-optimizer  with --no-fused-optimizer (megatron-core's own fallbacks)
   ours+...+unfused-wgrad  with --no-gradient-accumulation-fusion (bf16 weight gradients, then
                   added to main_grad)
+  ours+...+fp8    with --fp8-format hybrid (FP8 GEMMs in the transformer layers, tensorwise
+                  scaling; fp8-e4m3: --fp8-format e4m3); --fp8 adds a +fp8 row per ours stack
+  ours+...+mbN    micro-batch N instead of --micro-batch-size (tokens/s is per token either way)
   ours(local)     megatron-core's unfused DotProductAttention, for reference
   hf eager        LlamaForCausalLM (sdpa), bf16 autocast, fused AdamW
   hf compiled     the same under torch.compile
@@ -20,6 +23,13 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
     python toolkits/benchmarks/bench_training.py --tiny     # small shape on CPU (smoke test)
     python toolkits/benchmarks/bench_training.py --family bloom --size 1b1
     python toolkits/benchmarks/bench_training.py --family falcon --size 7b --num-layers 16
+    python toolkits/benchmarks/bench_training.py --shape 7B --fp8 \
+        --ours-args "--recompute-granularity full --global-batch-size 8"
+
+``--shape 7B``: llama2-7B (32 layers, hidden 4096, FFN 11008, vocab 32000) at sequence 4096,
+micro-batch 1; its default stacks are ours only (HF's fp32 weights, gradients and AdamW state
+take 108 GB before any activation). MFU is TFLOP/s (Megatron-LM's formula: model FLOPs, not
+counting recompute) over ``--peak-tflops`` (989: H100/H200 SXM dense bf16).
 
 ``--reward``: a reward model instead (python -m megatron_patch.reward_model --mock-data: pairs
 of random sequences, the scalar head, the Bradley-Terry loss) against HF's
@@ -45,6 +55,9 @@ import torch
 
 SHAPE = dict(num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
              vocab_size=32000)
+SHAPE_7B = dict(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+                vocab_size=32000)
+SHAPES = {"1B": (SHAPE, 2048, 4), "7B": (SHAPE_7B, 4096, 1)}  # shape, seq, micro-batch
 TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
             vocab_size=512)
 
@@ -76,8 +89,12 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
             model = ["--model-family", opts.family, "--model-size", opts.size] + (
                 ["--num-layers", str(opts.num_layers)] if opts.num_layers else [])
         else:
-            model = ["--model-family", "llama", "--model-size", "1B" if not opts.tiny else "tiny"]
+            model = ["--model-family", "llama", "--model-size",
+                     opts.shape if not opts.tiny else "tiny"]
         entry, batch = "megatron_patch.pretrain", opts.micro_batch_size
+        for flag in extra:  # a +mbN lever
+            if flag.startswith("--micro-batch-size="):
+                batch = int(flag.partition("=")[2])
         if opts.reward:  # pairs: half as many samples, two sequences each
             entry, batch = "megatron_patch.reward_model", opts.micro_batch_size // 2
             extra = [*extra, "--global-batch-size", str(batch)]
@@ -86,7 +103,8 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
                "--mock-data", "--micro-batch-size", str(batch),
                "--seq-length", str(opts.seq_length), "--lr", "1e-4",
                "--train-iters", str(opts.steps), "--eval-iters", "0",
-               "--log-interval", str(opts.steps), "--metrics-file", metrics] + extra
+               "--log-interval", str(opts.steps), "--metrics-file", metrics] + extra \
+            + opts.ours_args.split()
         if not opts.tiny:
             cmd.append("--bf16")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -95,10 +113,9 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
         key = "rm_loss" if opts.reward else "lm_loss"
         rows = [json.loads(line) for line in open(metrics) if key in line]
     rows = rows[opts.warmup:]
-    seconds = statistics.median(r["iteration_time_s"] for r in rows)
-    return {"tokens_per_sec": opts.micro_batch_size * opts.seq_length / seconds,
-            "seconds": seconds, "peak_gib": max(r["memory_gib"] for r in rows),
-            "loss": rows[-1][key]}
+    return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows),
+            "tflops": statistics.median(r["tflops_per_gpu"] for r in rows),
+            "peak_gib": max(r["memory_gib"] for r in rows), "loss": rows[-1][key]}
 
 
 def run_hf(shape, opts, compiled: bool) -> dict:
@@ -174,15 +191,23 @@ LEVERS = {
     "output": ["--compile-output-layer"],
     "foreach-optimizer": ["--no-fused-optimizer"],
     "unfused-wgrad": ["--no-gradient-accumulation-fusion"],
+    "fp8": ["--fp8-format", "hybrid"],
+    "fp8-e4m3": ["--fp8-format", "e4m3"],
 }
 
 
 def ours_flags(name: str) -> list[str] | None:
     """The pretrain flags of stack ``ours[+LEVER...]``; None for another name."""
     head, *levers = name.split("+")
-    if head != "ours" or any(lever not in LEVERS for lever in levers):
-        return None
-    return [flag for lever in levers for flag in LEVERS[lever]]
+    flags = []
+    for lever in levers:
+        if lever.startswith("mb") and lever[2:].isdigit():
+            flags.append(f"--micro-batch-size={lever[2:]}")
+        elif lever in LEVERS:
+            flags += LEVERS[lever]
+        else:
+            return None
+    return flags if head == "ours" else None
 
 
 def main(argv=None) -> int:
@@ -191,12 +216,23 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small shape, CPU smoke test")
     parser.add_argument("--steps", type=int, default=None, help="iterations per stack")
     parser.add_argument("--warmup", type=int, default=None, help="iterations not timed")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1B",
+                        help="llama's 0.95B benchmark shape (seq 2048, micro-batch 4) or "
+                             "llama2-7B's (seq 4096, micro-batch 1)")
+    parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--seq-length", type=int, default=None)
-    parser.add_argument("--stacks", default="ours,ours+compile,ours+compile+output,hf eager,"
-                                             "hf compiled",
+    parser.add_argument("--stacks", default=None,
                         help="comma-separated: ours[+LEVER...] (levers: "
-                             f"{', '.join(LEVERS)}), ours(local), hf eager, hf compiled")
+                             f"{', '.join(LEVERS)}, mbN), ours(local), hf eager, hf compiled "
+                             "(default 1B: ours, ours+compile, ours+compile+output, hf eager, "
+                             "hf compiled; 7B: ours+compile+output)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="after each ours stack, the same stack with +fp8")
+    parser.add_argument("--ours-args", default="",
+                        help="extra pretrain flags for every ours stack, e.g. "
+                             "\"--recompute-granularity full --global-batch-size 8\"")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak for the MFU column")
     parser.add_argument("--family", help="a registered family (default: llama's 1B shape)")
     parser.add_argument("--size", help="--family's sizes row, e.g. bloom 1b1, falcon 7b")
     parser.add_argument("--num-layers", type=int, help="with --family: fewer layers than the row")
@@ -206,8 +242,12 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     if opts.family and not opts.size:
         parser.error("--family needs --size (a row of its sizes table)")
-    shape = TINY if opts.tiny else SHAPE
-    opts.seq_length = opts.seq_length or (64 if opts.tiny else 2048)
+    shape, seq, micro = SHAPES[opts.shape]
+    shape = TINY if opts.tiny else shape
+    opts.seq_length = opts.seq_length or (64 if opts.tiny else seq)
+    opts.micro_batch_size = opts.micro_batch_size or (4 if opts.tiny else micro)
+    opts.stacks = opts.stacks or ("ours+compile+output" if opts.shape == "7B" else
+                                  "ours,ours+compile,ours+compile+output,hf eager,hf compiled")
     opts.steps = opts.steps or (6 if opts.tiny else 20)
     opts.warmup = opts.warmup if opts.warmup is not None else (2 if opts.tiny else 5)
     stacks = {
@@ -226,8 +266,15 @@ def main(argv=None) -> int:
     print(f"shape {shape}, seq {opts.seq_length}, micro-batch {opts.micro_batch_size}, "
           f"{'fp32' if opts.tiny else 'bf16'}, {opts.steps} steps ({opts.warmup} warm-up), {gpu}")
     names = [s.strip() for s in opts.stacks.split(",")]
+    if opts.fp8:
+        names = [n for name in names for n in
+                 ([name, name + "+fp8"] if name.startswith("ours+") or name == "ours"
+                  else [name])]
+    if opts.ours_args:
+        print(f"ours stacks also take: {opts.ours_args}")
     width = max(14, *(len(name) for name in names))
-    print(f"{'stack':<{width}} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'loss':>8}")
+    print(f"{'stack':<{width}} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+          f"{'loss':>8}")
     results = {}
     for name in names:
         if name not in stacks and ours_flags(name) is None:
@@ -239,8 +286,10 @@ def main(argv=None) -> int:
         if "error" in result:
             print(f"{name:<{width}} failed: {result['error']}")
             continue
-        print(f"{name:<{width}} {result['tokens_per_sec']:>10.0f} {flops / result['seconds'] / 1e12:>8.1f}"
-              f" {result['peak_gib']:>9.1f} {result['loss']:>8.3f}", flush=True)
+        tflops = result.get("tflops") or flops / result["seconds"] / 1e12
+        print(f"{name:<{width}} {result['tokens_per_sec']:>10.0f} {tflops:>8.1f} "
+              f"{tflops / opts.peak_tflops:>6.1%} {result['peak_gib']:>9.1f} "
+              f"{result['loss']:>8.3f}", flush=True)
     base = results.get("hf compiled", {}).get("tokens_per_sec")
     ours = {k: r["tokens_per_sec"] for k, r in results.items()
             if k.startswith("ours") and "tokens_per_sec" in r}

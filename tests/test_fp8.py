@@ -1,0 +1,93 @@
+"""FP8 linear layers (kernels/fp8.py) against a written-out reference: the scaling and
+saturation of each cast, and every GEMM of the forward and backward as dequantised operands
+multiplied in float64. Training with --fp8-format end to end is in test_training.py."""
+import pytest
+import torch
+
+from megatron_patch.kernels import fp8
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def reference_cast(t, dtype, margin=0):
+    """The tensorwise recipe, written out: scale = max / amax / 2**margin, saturate, round."""
+    fp8_max = {E4M3: 448.0, E5M2: 57344.0}[dtype]
+    amax = t.double().abs().max().item()
+    scale = fp8_max / amax / 2 ** margin if amax else 1.0
+    scaled = (t.double() * scale).clamp(-fp8_max, fp8_max).float()
+    return scaled.to(dtype).double() / scale  # the value the GEMM sees
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("margin", [0, 2])
+def test_cast_scales_by_the_current_amax_and_saturates(dtype, margin):
+    t = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 3
+    t[5, 7] = -40.0  # the amax: maps to -fp8_max / 2**margin
+    q, inverse = fp8.quantize(t, dtype, margin)
+    assert q.dtype == dtype and inverse.dtype == torch.float32 and inverse.shape == ()
+    fp8_max = torch.finfo(dtype).max
+    assert inverse.item() == pytest.approx(40.0 * 2 ** margin / fp8_max, rel=1e-6)
+    assert q[5, 7].float().item() == -fp8_max / 2 ** margin
+    torch.testing.assert_close(q.double() * inverse.double(), reference_cast(t, dtype, margin),
+                               rtol=1e-6, atol=0)
+    # Relative error of a cast: E4M3 keeps 3 mantissa bits, E5M2 two.
+    big = t.abs() > 1
+    rel = ((q.double() * inverse.double() - t.double()).abs() / t.double().abs())[big].max()
+    assert rel <= {E4M3: 2 ** -4, E5M2: 2 ** -3}[dtype] + 1e-6
+    zeros, inverse = fp8.quantize(torch.zeros(16, 16), dtype)
+    assert inverse.item() == 1.0 and not zeros.float().any()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_forward_and_backward_are_the_fp8_operands_multiplied(fmt, bias):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 32, generator=generator, requires_grad=True)
+    w = torch.randn(48, 32, generator=generator).mul_(0.1).requires_grad_()
+    b = torch.randn(48, generator=generator, requires_grad=True) if bias else None
+    dy = torch.randn(2, 16, 48, generator=generator)
+    recipe = fp8.Fp8Recipe(fmt)
+    out = fp8.fp8_linear(recipe, input=x, weight=w, bias=b, gradient_accumulation_fusion=False,
+                         allreduce_dgrad=False, sequence_parallel=False, tp_group=object())
+    out.backward(dy)
+
+    xq, wq = reference_cast(x.detach().reshape(32, 32), E4M3), reference_cast(w.detach(), E4M3)
+    gq = reference_cast(dy.reshape(32, 48), E4M3 if fmt == "e4m3" else E5M2)
+    expected = xq @ wq.t() + (b.detach().double() if bias else 0)
+    torch.testing.assert_close(out.detach().double().reshape(32, 48), expected,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double().reshape(32, 32), gq @ wq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), gq.t() @ xq, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(b.grad, dy.reshape(32, 48).sum(0))
+    # And it is the linear layer: within FP8's error of the exact product.
+    exact = x.detach().double().reshape(32, 32) @ w.detach().double().t()
+    error = out.detach().double().reshape(32, 48) - (expected - xq @ wq.t()) - exact
+    assert error.norm() < 0.05 * exact.norm()
+
+
+def test_weight_gradient_accumulates_into_main_grad_as_megatron_core_fuses_it():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, generator=generator)
+    w = torch.nn.Parameter(torch.randn(16, 32, generator=generator))
+    w.main_grad = torch.randn(16, 32, generator=generator)
+    w.grad_added_to_main_grad = False
+    before = w.main_grad.clone()
+    dy = torch.randn(16, 16, generator=generator)
+    fp8.fp8_linear(fp8.Fp8Recipe("hybrid"), input=x, weight=w, bias=None,
+                   gradient_accumulation_fusion=True, allreduce_dgrad=False,
+                   sequence_parallel=False, tp_group=object()).backward(dy)
+    expected = before.double() + reference_cast(dy, E5M2).t() @ reference_cast(x, E4M3)
+    torch.testing.assert_close(w.main_grad.double(), expected, rtol=1e-5, atol=1e-5)
+    assert w.grad_added_to_main_grad
+
+
+def test_sizes_fp8_cannot_multiply_are_refused_with_the_flags_to_change():
+    x = torch.randn(10, 32)
+    w = torch.randn(16, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="--micro-batch-size x --seq-length"):
+        fp8.fp8_linear(fp8.Fp8Recipe("e4m3"), input=x, weight=w, bias=None,
+                       gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                       sequence_parallel=False, tp_group=object())
+    with pytest.raises(ValueError, match="--fp8-format bogus"):
+        fp8.Fp8Recipe("bogus")
