@@ -165,3 +165,41 @@ def test_clipping_inside_fused_adam_is_clipping_the_gradients():
     multi_tensor.clip_grad_by_total_norm_fp32(loose, max_norms[0], norms[0])
     for p, g in zip(loose, grads[0]):
         torch.testing.assert_close(p.grad, g * (max_norms[0] / (norms[0] + 1e-6)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_linear_puts_the_weight_gradient_into_main_grad_eager_and_compiled(compiled):
+    """The compiled layers' linear (kernels/grad_accumulation.wgrad_fused_linear): output and
+    input gradient of x @ W^T + b, and W's gradient added to main_grad (accumulating over two
+    backward passes) with no .grad left for the DDP hook, under torch.compile too."""
+    from megatron_patch.kernels import grad_accumulation
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 16, generator=generator)
+    weight = torch.nn.Parameter(torch.randn(8, 16, generator=generator))
+    bias = torch.nn.Parameter(torch.randn(8, generator=generator))
+    weight.main_grad = torch.randn(8, 16, generator=generator)
+    start = weight.main_grad.clone()
+
+    def step(inp):
+        out = grad_accumulation.wgrad_fused_linear(
+            inp, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+            sequence_parallel=False, tp_group=object())
+        return (torch.sin(out) * 3).sum()
+
+    run = torch.compile(step) if compiled else step
+    inputs = [x.clone().requires_grad_(), (x * 0.5).requires_grad_()]
+    for inp in inputs:
+        run(inp).backward()
+    plain_w = weight.detach().clone().requires_grad_()
+    plain_b = bias.detach().clone().requires_grad_()
+    expected_inputs = []
+    for inp in inputs:
+        ref = inp.detach().clone().requires_grad_()
+        (torch.sin(ref @ plain_w.t() + plain_b) * 3).sum().backward()
+        expected_inputs.append(ref.grad)
+    assert weight.grad is None
+    torch.testing.assert_close(weight.main_grad, start + plain_w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, plain_b.grad, rtol=1e-5, atol=1e-5)
+    for inp, want in zip(inputs, expected_inputs):
+        torch.testing.assert_close(inp.grad, want, rtol=1e-5, atol=1e-5)

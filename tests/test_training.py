@@ -172,7 +172,9 @@ def test_first_losses_agree_across_layouts(work, reference, tmp_path, layout):
 def test_compiled_layers_and_output_layer_train_the_same_losses(work, reference, tmp_path):
     """--compile-layers and --compile-output-layer (torch.compile of each layer, and of the
     output layer with its cross-entropy) change no loss beyond float rounding (fp32, CPU)."""
-    pretrain(work, tmp_path / "m.jsonl", "--compile-layers", "--compile-output-layer")
+    out = pretrain(work, tmp_path / "m.jsonl", "--compile-layers", "--compile-output-layer").stdout
+    # Its linears accumulate weight gradients in main_grad (kernels/grad_accumulation.py).
+    assert "main_grad inside the GEMM (8 linears of the compiled layers)" in out, out
     got = losses(tmp_path / "m.jsonl")
     assert sorted(got) == sorted(reference)
     for iteration, loss in reference.items():

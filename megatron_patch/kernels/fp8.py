@@ -136,7 +136,7 @@ def fp8_linear(recipe: Fp8Recipe, input, weight, bias, gradient_accumulation_fus
     (the same arguments; deferred embedding wgrad does not apply to these layers)."""
     if grad_output_buffer is not None:
         raise ValueError("FP8 linear layers do not defer their weight gradient")
-    if tp_group is None:
+    if tp_group is None and (allreduce_dgrad or sequence_parallel):
         from megatron.core import parallel_state
 
         tp_group = parallel_state.get_tensor_model_parallel_group()

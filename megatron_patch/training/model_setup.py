@@ -214,7 +214,16 @@ def build_model(args, plan: ModelPlan):
 
     config, model = build_bare_model(args, plan)
     wrapped = Float16Module(config, model) if args.precision != "fp32" else model
-    return [DistributedDataParallel(config, ddp_config(args), wrapped)], model
+    chunk = DistributedDataParallel(config, ddp_config(args), wrapped)
+    # Compiled layers: gradient-accumulation fusion through a linear that compiles (it needs the
+    # DDP main_grad buffers, made just now, and no grad hooks: not with --overlap-grad-reduce).
+    args.compiled_wgrad_fusion = 0
+    if args.compile_layers and not getattr(args, "no_gradient_accumulation_fusion", False) \
+            and not args.overlap_grad_reduce and not getattr(args, "fp8_format", None):
+        from megatron_patch.kernels.grad_accumulation import use_compiled_wgrad_fusion
+
+        args.compiled_wgrad_fusion = use_compiled_wgrad_fusion(model)
+    return [chunk], model
 
 
 def build_frozen_model(args, plan: ModelPlan):
@@ -234,7 +243,8 @@ def build_bare_model(args, plan: ModelPlan):
     cpu_init = args.use_cpu_initialization if args.use_cpu_initialization is not None \
         else not compat.on_gpu()
     # Under --compile-layers megatron-core's linear backward (attribute writes) breaks the
-    # compiled graph at every linear: measured slower on an H200 (65,668 vs 77,555 tokens/s).
+    # compiled graph at every linear: measured slower on an H200 (65,668 vs 77,555 tokens/s);
+    # build_model gives those layers a linear that compiles instead.
     fuse_wgrad = not getattr(args, "no_gradient_accumulation_fusion", False) \
         and not args.compile_layers
     if fuse_wgrad:

@@ -137,6 +137,9 @@ def setup(args, data):
               f"{args.fp8_linears} linear layers of the transformer layers on this rank's stage "
               f"run torch._scaled_mm; the embedding and output layer stay in {args.precision}",
               flush=True)
+    if dist.get_rank() == 0 and args.compiled_wgrad_fusion:
+        print(f"[megatron_patch] weight gradients accumulate into main_grad inside the GEMM "
+              f"({args.compiled_wgrad_fusion} linears of the compiled layers)", flush=True)
     if dist.get_rank() == 0:
         print(f"[megatron_patch] optimizer step: "
               f"{', '.join(args.optimizer_kernels) or 'megatron-core fallbacks'}", flush=True)
