@@ -106,8 +106,8 @@ def _parallel(parser):
     g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
                    help="unfused weight gradients: a bf16 gradient per linear layer, then "
                         "added to the fp32 main_grad (default: the GEMM accumulates into "
-                        "main_grad, as Megatron-LM does with apex; off with --compile-layers, "
-                        "where it measured slower)")
+                        "main_grad, as Megatron-LM does with apex; with --compile-layers a "
+                        "linear that compiles, not with --overlap-grad-reduce)")
     g.add_argument("--fp8-format", choices=("e4m3", "hybrid"),
                    help="FP8 GEMMs in the transformer layers' linear layers (torch._scaled_mm, "
                         "no Transformer Engine): e4m3 everywhere, or hybrid (E5M2 gradients); "
