@@ -146,6 +146,9 @@ def test_wrong_model_yaml_names_the_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"ppo_policy.yaml: unknown key 'hidden_sise'"):
         load_config(write_seed(tmp_path, model=SEED_PPO_POLICY.replace("hidden_size",
                                                                         "hidden_sise")))
+    with pytest.raises(ValueError, match=r"ppo_policy.yaml: fp8_format is for pretraining"):
+        load_config(write_seed(tmp_path, model=SEED_PPO_POLICY.replace(
+            "hidden_size", "fp8_format: hybrid\nhidden_size", 1)))
     path = write_seed(tmp_path)
     (tmp_path / "configs" / "reference.yaml").write_text(
         SEED_PPO_POLICY.replace("tensor_model_parallel_size: 8", "tensor_model_parallel_size: 4"))

@@ -185,6 +185,10 @@ def check_megatron_args(role: Role) -> None:
         if key not in known and key not in UNUSED_MEGATRON:
             raise ValueError(f"{role.config_file}: unknown key '{key}' (no Megatron-LM "
                              f"argument --{key.replace('_', '-')} in this trainer)")
+    if role.megatron.get("fp8_format"):  # rollouts run the model on any number of tokens
+        raise ValueError(f"{role.config_file}: fp8_format is for pretraining and SFT; the RLHF "
+                         f"roles generate rollouts of any length, which FP8 GEMMs (multiples "
+                         f"of 16 tokens) do not take: remove it")
 
 
 def load_config(path: str) -> RLHFConfig:
