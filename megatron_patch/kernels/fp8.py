@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_patch.kernels import tp_linear
+
 FP8_MAX = {torch.float8_e4m3fn: torch.finfo(torch.float8_e4m3fn).max,  # 448
            torch.float8_e5m2: torch.finfo(torch.float8_e5m2).max}  # 57344
 FORMATS = ("e4m3", "hybrid")
@@ -78,9 +80,7 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, recipe, accumulate_into_main_grad, allreduce_dgrad,
                 sequence_parallel, tp_group):
-        from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
-
-        total = _gather_along_first_dim(input, group=tp_group) if sequence_parallel else input
+        total = tp_linear.gather_input(input, sequence_parallel, tp_group)
         rows = total.shape[:-1]
         flat = total.reshape(-1, total.shape[-1])
         _check_aligned(flat.shape[0], "the input of a linear layer")
@@ -100,8 +100,6 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        from megatron.core.tensor_parallel.mappings import _reduce_scatter_along_first_dim
-
         x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
         recipe = ctx.recipe
         rows = grad_output.shape[:-1]
@@ -109,11 +107,9 @@ class _Fp8Linear(torch.autograd.Function):
         g_fp8, g_inv = quantize(grad, recipe.backward_dtype, recipe.margin)
         grad_input = torch._scaled_mm(g_fp8, _column_major(w_fp8), scale_a=g_inv,
                                       scale_b=w_inv, out_dtype=ctx.dtype)
-        grad_input = grad_input.reshape(*rows, grad_input.shape[-1])
-        if ctx.sequence_parallel:
-            grad_input = _reduce_scatter_along_first_dim(grad_input, group=ctx.tp_group)
-        elif ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
+        grad_input = tp_linear.reduce_input_grad(grad_input.reshape(*rows, grad_input.shape[-1]),
+                                                 ctx.allreduce_dgrad, ctx.sequence_parallel,
+                                                 ctx.tp_group)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = torch._scaled_mm(
@@ -136,10 +132,7 @@ def fp8_linear(recipe: Fp8Recipe, input, weight, bias, gradient_accumulation_fus
     (the same arguments; deferred embedding wgrad does not apply to these layers)."""
     if grad_output_buffer is not None:
         raise ValueError("FP8 linear layers do not defer their weight gradient")
-    if tp_group is None and (allreduce_dgrad or sequence_parallel):
-        from megatron.core import parallel_state
-
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = tp_linear.tp_group_for(tp_group, allreduce_dgrad, sequence_parallel)
     accumulate = bool(gradient_accumulation_fusion and weight.requires_grad
                       and hasattr(weight, "main_grad"))
     return _Fp8Linear.apply(input, weight, bias, recipe, accumulate, allreduce_dgrad,
@@ -149,16 +142,12 @@ def fp8_linear(recipe: Fp8Recipe, input, weight, bias, gradient_accumulation_fus
 def use_fp8_linears(model, recipe: Fp8Recipe) -> int:
     """Route every column/row-parallel linear layer of ``model.decoder`` through
     :func:`fp8_linear`; returns how many. The weights' dimensions must be multiples of 16."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    count = 0
-    for name, module in model.decoder.named_modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            rows, columns = module.weight.shape
-            if rows % ALIGNMENT or columns % ALIGNMENT:
-                raise ValueError(
-                    f"--fp8-format: decoder.{name} has a {rows} x {columns} weight on this "
-                    f"rank; FP8 GEMMs need both dimensions to be multiples of {ALIGNMENT}")
-            module._forward_impl = functools.partial(fp8_linear, recipe)
-            count += 1
-    return count
+    linears = tp_linear.decoder_linears(model)
+    for name, module in linears:
+        rows, columns = module.weight.shape
+        if rows % ALIGNMENT or columns % ALIGNMENT:
+            raise ValueError(
+                f"--fp8-format: decoder.{name} has a {rows} x {columns} weight on this "
+                f"rank; FP8 GEMMs need both dimensions to be multiples of {ALIGNMENT}")
+        module._forward_impl = functools.partial(fp8_linear, recipe)
+    return len(linears)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_patch.kernels import tp_linear
+
 
 def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad) -> None:
     """apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32``: ``main_grad +=
@@ -55,9 +57,7 @@ class _WgradFusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, main_grad, allreduce_dgrad, sequence_parallel,
                 tp_group):
-        from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
-
-        total = _gather_along_first_dim(input, group=tp_group) if sequence_parallel else input
+        total = tp_linear.gather_input(input, sequence_parallel, tp_group)
         out = torch.matmul(total, weight.t())
         if bias is not None:
             out = out + bias
@@ -71,15 +71,10 @@ class _WgradFusedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        from megatron.core.tensor_parallel.mappings import _reduce_scatter_along_first_dim
-
         total, weight = ctx.saved_tensors
         main_grad = ctx.main_grad
-        grad_input = grad_output.matmul(weight)
-        if ctx.sequence_parallel:
-            grad_input = _reduce_scatter_along_first_dim(grad_input, group=ctx.tp_group)
-        elif ctx.allreduce_dgrad:
-            torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
+        grad_input = tp_linear.reduce_input_grad(grad_output.matmul(weight), ctx.allreduce_dgrad,
+                                                 ctx.sequence_parallel, ctx.tp_group)
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         wgrad_accumulate(main_grad, total.reshape(-1, total.shape[-1]), grad)
         grad_bias = grad.sum(dim=0) if ctx.has_bias else None
@@ -91,10 +86,7 @@ def wgrad_fused_linear(input, weight, bias, gradient_accumulation_fusion, allred
                        async_grad_allreduce=None, tp_group=None):
     """megatron-core's ``linear_with_grad_accumulation_and_async_allreduce`` for a weight with
     a DDP ``main_grad``: the weight gradient goes into main_grad (no ``weight.grad``)."""
-    if tp_group is None and (allreduce_dgrad or sequence_parallel):
-        from megatron.core import parallel_state
-
-        tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = tp_linear.tp_group_for(tp_group, allreduce_dgrad, sequence_parallel)
     return _WgradFusedLinear.apply(input, weight, bias, weight.main_grad, allreduce_dgrad,
                                    sequence_parallel, tp_group)
 
@@ -102,12 +94,9 @@ def wgrad_fused_linear(input, weight, bias, gradient_accumulation_fusion, allred
 def use_compiled_wgrad_fusion(model) -> int:
     """Give the column/row-parallel linears of ``model.decoder`` whose weight has a DDP
     ``main_grad`` :func:`wgrad_fused_linear`; returns how many."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
     count = 0
-    for module in model.decoder.modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) \
-                and module.weight.requires_grad and hasattr(module.weight, "main_grad"):
+    for _, module in tp_linear.decoder_linears(model):
+        if module.weight.requires_grad and hasattr(module.weight, "main_grad"):
             module._forward_impl = wgrad_fused_linear
             count += 1
     return count
