@@ -91,3 +91,13 @@ def test_sizes_fp8_cannot_multiply_are_refused_with_the_flags_to_change():
                        sequence_parallel=False, tp_group=object())
     with pytest.raises(ValueError, match="--fp8-format bogus"):
         fp8.Fp8Recipe("bogus")
+
+
+def test_tensor_parallel_communication_equals_one_process():
+    """The collectives the FP8 and fused-wgrad linears share (kernels/tp_linear.py) at TP2:
+    output, input gradient and weight gradient equal the unsplit product (fp32)."""
+    from helpers import run_torchrun
+
+    out = run_torchrun(["tests/dist/check_tp_linear.py"]).stdout
+    assert sorted(line for line in out.splitlines() if line.endswith("OK")) == [
+        f"rank {r} sequence_parallel={sp} OK" for r in (0, 1) for sp in (False, True)]
