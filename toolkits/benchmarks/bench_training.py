@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     for name in names:
         if name not in stacks and ours_flags(name) is None:
             parser.error(f"--stacks: unknown stack {name!r}; one of {', '.join(stacks)} or "
-                         f"ours[+LEVER...] with levers {', '.join(LEVERS)}")
+                         f"ours[+LEVER...] with levers {', '.join(LEVERS)}, mbN")
     for name in names:
         run = stacks.get(name) or (lambda: run_ours(shape, opts, ours_flags(name)))
         result = results[name] = run()
