@@ -391,6 +391,43 @@ def _json_safe_dynamo_config_logging() -> None:
     dynamo_utils._get_dynamo_config_for_logging = config_for_logging
 
 
+def lazy_compile(fn=None, **compile_kwargs):
+    """``torch.compile`` that imports dynamo on the function's first call, not at decoration.
+
+    megatron-core decorates some forty functions with ``jit_fuser`` (``torch.compile``) at
+    import; the first such decoration imports torch._dynamo and inductor, 3-5 s of every
+    process's start measured here (``import megatron.core`` + gpt/optimizer/distributed: 7.1-8.1
+    s, 1.7 s with this). torch.compile compiles on the first call anyway, so when and what is
+    compiled is unchanged. Called while dynamo traces an enclosing function (--compile-layers),
+    it runs the plain function, which dynamo then inlines as it does a nested torch.compile."""
+    import functools
+
+    if fn is None:  # used as @lazy_compile(mode=...)
+        return functools.partial(lazy_compile, **compile_kwargs)
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, **compile_kwargs)
+        return compiled(*args, **kwargs)
+
+    call._megatron_patch_lazy_compile = True
+    return call
+
+
+def defer_jit_fuser(jit_module) -> None:
+    """Make ``megatron.core.jit.jit_fuser`` :func:`lazy_compile` where megatron-core chose
+    torch.compile for it (left alone when it chose a no-op or torch.jit.script). Called by the
+    import hook in megatron_patch/__init__.py right after that module runs, before any module
+    decorates with it."""
+    if getattr(jit_module, "jit_fuser", None) is torch.compile:
+        jit_module.jit_fuser = lazy_compile
+
+
 def fix_megatron_core() -> None:
     """Work around megatron-core bugs that affect megatron_patch (idempotent)."""
     global _FIXED

@@ -154,3 +154,52 @@ def test_compile_megatron_keeps_dynamo_metrics_logging_json_safe(monkeypatch):
     monkeypatch.setattr(dynamo_utils, "_get_dynamo_config_for_logging", lambda: '{"a": 1}')
     compat.compile_megatron(lambda x: x)
     assert dynamo_utils._get_dynamo_config_for_logging() == '{"a": 1}'
+
+
+LAZY_JIT = r"""
+import sys
+import torch
+import megatron_patch
+from megatron_patch import compat
+import megatron.core.models.gpt, megatron.core.optimizer, megatron.core.distributed
+from megatron.core import jit
+from megatron.core.fusions.fused_bias_swiglu import swiglu
+from megatron.core.transformer.torch_norm import L2Norm
+
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+print("jit_fuser lazy:", jit.jit_fuser is compat.lazy_compile,
+      getattr(swiglu, "_megatron_patch_lazy_compile", False))
+compiles = []
+
+def counting(gm, example_inputs):
+    compiles.append(len(gm.graph.nodes))
+    return gm.forward
+
+x = torch.randn(4, 8, dtype=torch.float64)
+norm = L2Norm(8)
+def block(t):  # megatron-core's decorated function and method inside an enclosing compile
+    return norm(swiglu(t).repeat(1, 2))
+out = torch.compile(block, backend=counting, fullgraph=True)(x)
+h = torch.nn.functional.silu(x[:, :4]) * x[:, 4:]
+h = h.repeat(1, 2)
+print("nested:", len(compiles), torch.allclose(out, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)))
+
+class Scale:
+    factor = 3.0
+    @compat.lazy_compile(backend=counting)
+    def __call__(self, t):
+        return t * self.factor
+scale = Scale()
+before = len(compiles)
+print("direct:", [torch.equal(scale(x), x * 3.0) for _ in range(3)], len(compiles) - before)
+"""
+
+
+def test_megatron_cores_jit_fuser_compiles_lazily_and_the_same():
+    """megatron_patch's import hook makes megatron-core's jit_fuser compile on first call:
+    importing megatron-core then does not import dynamo (3-5 s per process), the decorated
+    functions and methods trace into an enclosing torch.compile without a graph break, and a
+    direct call compiles once and computes what the plain function does."""
+    lines = run_python(["-c", LAZY_JIT]).stdout.strip().splitlines()
+    assert lines == ["dynamo imported: False", "jit_fuser lazy: True True", "nested: 1 True",
+                     "direct: [True, True, True] 1"]
