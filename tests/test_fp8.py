@@ -93,6 +93,103 @@ def test_sizes_fp8_cannot_multiply_are_refused_with_the_flags_to_change():
                        sequence_parallel=False, tp_group=object())
     with pytest.raises(ValueError, match="--fp8-format bogus"):
         fp8.Fp8Recipe("bogus")
+    with pytest.raises(ValueError, match="--fp8-amax-compute-algo mean"):
+        fp8.Fp8Recipe("hybrid", recipe="delayed", amax_compute_algo="mean")
+    with pytest.raises(ValueError, match="--fp8-amax-history-len 0"):
+        fp8.Fp8Recipe("hybrid", recipe="delayed", amax_history_len=0)
+
+
+def cast_with(t, dtype, scale):
+    """A cast at a given fp32 scale, saturated: the value the GEMM sees."""
+    fp8_max = {E4M3: 448.0, E5M2: 57344.0}[dtype]
+    return (t.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).double() / scale
+
+
+@pytest.mark.parametrize("algo", ["most_recent", "max"])
+def test_delayed_scaling_follows_the_amax_history(algo):
+    """--fp8-recipe delayed against the recipe written out: each iteration's casts use the
+    scale from the amax history of the iterations before (the first iteration: the tensor's
+    own amax), the running amax is the max over the micro-batches (an evaluation forward does
+    not count), values beyond the scaled range saturate, and the history rolls newest first."""
+    length, margin = 3, 1
+    recipe = fp8.Fp8Recipe("hybrid", margin, "delayed", length, algo)
+    scaling = fp8.DelayedScaling(recipe, count=2)
+    slot = scaling.slot(1)  # row 0 stays unused: all zeros
+    generator = torch.Generator().manual_seed(3)
+    maxes = (448.0, 448.0, 57344.0)
+    history = [[], [], []]  # per tensor, one amax per finished iteration
+    saturated = 0
+    for iteration, factor in enumerate([1.0, 4.0, 0.5, 0.25, 2.0, 1.0]):
+        scales = []
+        for j, dtype_max in enumerate(maxes):
+            if history[j]:
+                ref = max(history[j][-length:]) if algo == "max" else history[j][-1]
+                scales.append(torch.tensor(dtype_max, dtype=torch.float32)
+                              / (torch.tensor(ref, dtype=torch.float32) * 2.0 ** margin))
+            else:
+                scales.append(None)  # the tensor's own amax, per micro-batch
+        w = (torch.randn(16, 32, generator=generator) * factor).requires_grad_()
+        seen = [0.0, 0.0, 0.0]
+        for micro in range(2):
+            x = (torch.randn(16, 32, generator=generator) * factor * (1 + micro))
+            x.requires_grad_()
+            dy = torch.randn(16, 16, generator=generator) * 1e-3 * factor
+            out = fp8.fp8_linear(recipe, input=x, weight=w, bias=None,
+                                 gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                                 sequence_parallel=False, tp_group=object(), slot=slot)
+            out.backward(dy)
+            operands = []
+            for j, (t, dtype) in enumerate(((x, E4M3), (w, E4M3), (dy, E5M2))):
+                amax = t.detach().abs().max().item()
+                seen[j] = max(seen[j], amax)
+                scale = scales[j]
+                if scale is None:
+                    operands.append(reference_cast(t.detach(), dtype, margin))
+                else:
+                    saturated += int((t.detach().abs() * scale > maxes[j]).any())
+                    operands.append(cast_with(t.detach(), dtype, scale))
+            xq, wq, gq = operands
+            for got, want in ((out.detach(), xq @ wq.t()), (x.grad, gq @ wq)):  # fp32 sums
+                torch.testing.assert_close(got.double(), want, rtol=1e-5,
+                                           atol=1e-5 * want.abs().max().item())
+            w.grad = None
+        with torch.no_grad():  # evaluation: its huge amax must not enter the history
+            fp8.fp8_linear(recipe, input=x.detach() * 1e3, weight=w.detach(), bias=None,
+                           gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                           sequence_parallel=False, tp_group=object(), slot=slot)
+        torch.testing.assert_close(scaling.amax[1].double(),
+                                   torch.tensor(seen, dtype=torch.float64), rtol=1e-6, atol=0)
+        scaling.update()
+        for j in range(3):
+            history[j].append(seen[j])
+        newest_first = torch.zeros(length, 3, dtype=torch.float64)
+        for j in range(3):
+            for age, value in enumerate(reversed(history[j][-length:])):
+                newest_first[age, j] = value
+        torch.testing.assert_close(scaling.history[1].double(), newest_first, rtol=1e-6, atol=0)
+        assert not scaling.history[0].any() and not scaling.scale[0].any() and \
+            not scaling.amax.any()
+    assert saturated  # the x4 iteration overflowed the previous iteration's range
+
+    restored = fp8.DelayedScaling(recipe, count=2)
+    restored.load_state_dict(scaling.state_dict())
+    assert torch.equal(restored.scale, scaling.scale)
+    assert torch.equal(restored.history, scaling.history)
+    longer = fp8.DelayedScaling(fp8.Fp8Recipe("hybrid", margin, "delayed", 8, algo), count=2)
+    with pytest.raises(ValueError, match="--fp8-amax-history-len"):
+        longer.load_state_dict(scaling.state_dict())
+
+
+def test_delayed_scaling_ignores_an_overflowed_step_and_keeps_its_scale():
+    recipe = fp8.Fp8Recipe("hybrid", recipe="delayed")
+    scaling = fp8.DelayedScaling(recipe, count=1)
+    scaling.amax[0] = torch.tensor([2.0, 4.0, 8.0])
+    scaling.update()
+    before = scaling.scale.clone()
+    torch.testing.assert_close(before[0], torch.tensor([224.0, 112.0, 57344.0 / 8]))
+    scaling.amax[0] = torch.tensor([float("inf"), float("nan"), 0.0])
+    scaling.update()  # most_recent of nothing usable: the scales stay
+    assert torch.equal(scaling.scale, before) and not scaling.history[0, 0].any()
 
 
 def test_tensor_parallel_communication_equals_one_process():

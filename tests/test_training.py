@@ -212,15 +212,25 @@ def test_fast_paths_are_megatron_cores_math(work, clipped_reference, tmp_path, f
         assert norm == pytest.approx(norm_ref, rel=1e-4)
 
 
-def test_fp8_trains_as_bf16_does_resumes_exactly_and_splits_under_tp(work, tmp_path):
-    """--fp8-format hybrid (tensorwise scaling, torch._scaled_mm on CPU): the losses follow
-    bf16's within FP8's rounding; the recipe keeps no state, so a resume is exact; TP2 with
-    sequence parallelism (its all-gather / reduce-scatter around the FP8 GEMMs) agrees with TP1
-    up to the per-shard scales."""
-    fp8 = ["--bf16", "--fp8-format", "hybrid"]
+FP8_RECIPES = {
+    "tensorwise": ([], "tensorwise scaling"),
+    "delayed": (["--fp8-recipe", "delayed", "--fp8-amax-history-len", "4",
+                 "--fp8-amax-compute-algo", "max"],
+                "delayed scaling, max of 4 iterations' amax"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(FP8_RECIPES))
+def test_fp8_trains_as_bf16_does_resumes_exactly_and_splits_under_tp(work, tmp_path, recipe):
+    """--fp8-format hybrid (torch._scaled_mm on CPU): the losses follow bf16's within FP8's
+    rounding; a resume is exact (tensorwise keeps no state; delayed's amax histories are in
+    the checkpoint); TP2 with sequence parallelism (its all-gather / reduce-scatter around the
+    FP8 GEMMs; delayed's amax reduction over the ranks) agrees with TP1 up to the scales."""
+    flags, line = FP8_RECIPES[recipe]
+    fp8 = ["--bf16", "--fp8-format", "hybrid", *flags]
     pretrain(work, tmp_path / "bf16.jsonl", "--bf16")
     out = pretrain(work, tmp_path / "fp8.jsonl", *fp8).stdout
-    assert "FP8 (hybrid, tensorwise scaling): 8 linear layers" in out, out
+    assert f"FP8 (hybrid, {line}): 8 linear layers" in out, out
     bf16, got = losses(tmp_path / "bf16.jsonl"), losses(tmp_path / "fp8.jsonl")
     assert sorted(got) == sorted(bf16) and got != bf16  # FP8 did change the GEMMs
     for iteration, loss in bf16.items():
@@ -228,15 +238,28 @@ def test_fp8_trains_as_bf16_does_resumes_exactly_and_splits_under_tp(work, tmp_p
 
     ckpt = tmp_path / "ckpt"
     pretrain(work, tmp_path / "part.jsonl", *fp8, "--save", str(ckpt), "--exit-interval", "3")
+    saved = torch.load(ckpt / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt",
+                       map_location="cpu", weights_only=False).get("fp8_scaling")
+    if recipe == "delayed":  # 8 linears x 4 iterations x (input, weight, output gradient)
+        assert saved["amax_history"].shape == (8, 4, 3) and saved["amax_history"][:, 2].all()
+        assert not saved["amax_history"][:, 3].any() and saved["scale"].all()
+    else:
+        assert saved is None
     pretrain(work, tmp_path / "part.jsonl", *fp8, "--load", str(ckpt))
     assert losses(tmp_path / "part.jsonl") == got
 
     pretrain(work, tmp_path / "tp2.jsonl", *fp8, "--tensor-model-parallel-size", "2",
-             "--sequence-parallel", nproc=2)
+             "--sequence-parallel", "--save", str(tmp_path / "tp2"), nproc=2)
     tp2 = losses(tmp_path / "tp2.jsonl")
     assert sorted(tp2) == sorted(got)
     for iteration, loss in got.items():
         assert tp2[iteration] == pytest.approx(loss, rel=0.01), iteration
+    if recipe == "delayed":  # amaxes reduced over the TP ranks: one history, not one per shard
+        ranks = [torch.load(tmp_path / "tp2" / f"iter_{ITERS:07d}" / f"mp_rank_0{r}" /
+                            "model_optim_rng.pt", map_location="cpu",
+                            weights_only=False)["fp8_scaling"] for r in (0, 1)]
+        assert torch.equal(ranks[0]["amax_history"], ranks[1]["amax_history"])
+        assert torch.equal(ranks[0]["scale"], ranks[1]["scale"])
 
 
 def test_pytorch_profiler_writes_a_trace_and_a_table(work, reference, tmp_path):

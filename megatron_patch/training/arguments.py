@@ -114,10 +114,19 @@ def _parallel(parser):
                         "the embedding and output layer stay in --bf16/--fp16")
     g.add_argument("--fp8-recipe", choices=("tensorwise", "delayed", "mxfp8", "blockwise"),
                    default="tensorwise",
-                   help="scaling: tensorwise (each tensor scaled by its current absolute max), "
-                        "the one implemented here, hence the default (Megatron-LM's is delayed)")
+                   help="scaling: tensorwise (each tensor scaled by its current absolute max; "
+                        "the default here, the one measured on GPU) or delayed (Megatron-LM's "
+                        "default: scales from an amax history, reduced over the TP/DP ranks "
+                        "each iteration and checkpointed); mxfp8 and blockwise need Transformer "
+                        "Engine")
     g.add_argument("--fp8-margin", type=int, default=0,
                    help="scale down by 2**margin below the format's maximum")
+    g.add_argument("--fp8-amax-history-len", type=int, default=None,
+                   help="delayed recipe: iterations of amax history per tensor (default 1, "
+                        "Megatron-LM's)")
+    g.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), default=None,
+                   help="delayed recipe: the scale comes from the newest amax or the history's "
+                        "max (default most_recent, Megatron-LM's)")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile each transformer layer's forward (GPU)")
     g.add_argument("--compile-output-layer", action="store_true",
@@ -266,16 +275,34 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ValueError("--save-interval needs --save")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
-    if args.fp8_format and args.fp8_recipe != "tensorwise":
+    if args.fp8_format and args.fp8_recipe not in ("tensorwise", "delayed"):
         raise ValueError(f"--fp8-recipe {args.fp8_recipe} is not implemented (it needs "
                          f"Transformer Engine); use --fp8-recipe tensorwise (per-tensor current "
-                         f"scaling through torch._scaled_mm)")
+                         f"scaling) or delayed (amax history), both through torch._scaled_mm")
+    if args.fp8_amax_history_len is not None and args.fp8_amax_history_len < 1:
+        raise ValueError(f"--fp8-amax-history-len {args.fp8_amax_history_len}: must be >= 1")
     if args.fp8_format and (args.micro_batch_size * args.seq_length) % 16:
         raise ValueError(f"--fp8-format needs --micro-batch-size x --seq-length to be a multiple "
                          f"of 16 (FP8 GEMMs); got {args.micro_batch_size} x {args.seq_length}")
     profiling.check_arguments(args)
-    args.compat_notes = megatron_lm.no_effect_notes(args)
+    args.compat_notes = megatron_lm.no_effect_notes(args) + _fp8_history_notes(args)
+    args.fp8_amax_history_len = args.fp8_amax_history_len or 1
+    args.fp8_amax_compute_algo = args.fp8_amax_compute_algo or "most_recent"
     return args
+
+
+def _fp8_history_notes(args) -> list[str]:
+    """The delayed recipe's flags, given with another recipe (Megatron-LM's FP8 scripts pass
+    them and leave --fp8-recipe at its default there, delayed)."""
+    if args.fp8_format and args.fp8_recipe == "delayed":
+        return []
+    why = ("the delayed recipe's (--fp8-recipe delayed); " +
+           ("tensorwise, the default here, keeps no history" if args.fp8_format
+            else "no --fp8-format"))
+    return [f"{flag} has no effect here: {why}"
+            for flag, value in (("--fp8-amax-history-len", args.fp8_amax_history_len),
+                                ("--fp8-amax-compute-algo", args.fp8_amax_compute_algo))
+            if value is not None]
 
 
 def _refuse_mix(args, kind: str, flags: tuple[str, ...]) -> None:

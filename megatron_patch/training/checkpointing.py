@@ -2,8 +2,9 @@
 
 Per (TP, PP) rank, data-parallel rank 0 writes ``iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt``
 with the model, optimizer, LR schedule, every data-parallel rank's RNG states, the iteration
-and the samples consumed (the data position); the distributed optimizer's sharded state goes to
-``distrib_optim.pt`` beside it. Saves are atomic: everything is written under
+and the samples consumed (the data position), with ``--fp8-recipe delayed`` the FP8 amax histories
+and scales; the distributed optimizer's sharded state goes to ``distrib_optim.pt`` beside it.
+Saves are atomic: everything is written under
 ``iter_XXXXXXX.tmp``, renamed when every rank is done, and only then does
 ``latest_checkpointed_iteration.txt`` move, so a crash mid-save never damages the last good
 checkpoint. Model weights load at any TP/PP through the converter's mapping engine.
@@ -81,6 +82,9 @@ def save_checkpoint(args, iteration: int, model, optimizer, scheduler, plan, pro
     dist.barrier()
     rngs = _gather_rng_over_dp()
     optimizer_state = optimizer.state_dict()
+    scaling = getattr(model, "fp8_scaling", None)  # --fp8-recipe delayed: the same on all DP
+    if scaling is not None:
+        progress = dict(progress, fp8_scaling=scaling.state_dict())
     if dp_rank == 0:
         mio.save_rank_file(tmp, tp_rank, pp_rank, pp, {
             "model": _model_state(model), "optimizer": optimizer_state,
@@ -190,6 +194,13 @@ def load_resume_weights(args, model, payload) -> None:
     if missing or unexpected:
         raise ValueError(f"--load {args.load}: this rank's file does not match the model "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    scaling = getattr(model, "fp8_scaling", None)
+    if scaling is not None and payload.get("fp8_scaling") and not args.no_load_optim:
+        scaling.load_state_dict(payload["fp8_scaling"], f"--load {args.load}")
+    elif scaling is not None and dist.get_rank() == 0:
+        print(f"[megatron_patch] --fp8-recipe delayed: the amax histories start empty (--load "
+              f"{args.load} has none{', --no-load-optim' if args.no_load_optim else ''}); the "
+              f"first iteration scales each tensor by its current amax", flush=True)
 
 
 @torch.no_grad()  # fp32 main params of the distributed optimizer are views of the weights

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch import compat
+from megatron_patch.kernels import fp8
 from megatron_patch.training.profiling import StepProfiler
 
 
@@ -146,6 +147,7 @@ def train_step(args, chunks, optimizer, scheduler, data_iterator,
     optimizer.zero_grad()
     outputs = _forward_backward(args, chunks, data_iterator, objective, forward_only=False)
     updated, grad_norm, _ = optimizer.step()
+    fp8.end_iteration(chunks)  # --fp8-recipe delayed: the amax histories move on
     if updated:
         scheduler.step(increment=args.global_batch_size)
     stats = reduce_stats(outputs) if ps.is_pipeline_last_stage() else None

@@ -99,8 +99,6 @@ NO_EFFECT = {
     "--manual-gc": (_SWITCH, "Python's garbage collector runs as usual"),
     "--manual-gc-interval": (_VALUE, "Python's garbage collector runs as usual"),
     "--empty-unused-memory-level": (_VALUE, "the CUDA cache is not emptied between steps"),
-    "--fp8-amax-history-len": (_VALUE, "the delayed recipe's; tensorwise keeps no history"),
-    "--fp8-amax-compute-algo": (_VALUE, "the delayed recipe's; tensorwise keeps no history"),
     "--fp8-param-gather": (_SWITCH, "the parameters stay in bf16 (FP8 is in the GEMMs)"),
     "--tp-comm-overlap": (_SWITCH, "needs Transformer Engine's userbuffers"),
     "--log-params-norm": (_SWITCH, "not logged"),
@@ -307,6 +305,7 @@ HONOURED = (
     "--distributed-timeout-minutes", "--use-cpu-initialization", "--profile",
     "--use-pytorch-profiler", "--profile-step-start", "--profile-step-end", "--profile-ranks",
     "--no-gradient-accumulation-fusion", "--fp8-format", "--fp8-recipe", "--fp8-margin",
+    "--fp8-amax-history-len", "--fp8-amax-compute-algo",
 )
 
 

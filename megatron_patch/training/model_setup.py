@@ -274,14 +274,21 @@ def build_bare_model(args, plan: ModelPlan):
     if getattr(args, "fp8_format", None):
         from megatron_patch.kernels import fp8
 
-        args.fp8_linears = fp8.use_fp8_linears(model, fp8.Fp8Recipe(args.fp8_format,
-                                                                    args.fp8_margin))
+        args.fp8_linears = fp8.use_fp8_linears(model, fp8_recipe(args))
     if args.compile_layers:
         for layer in model.decoder.layers:
             layer.forward = compat.compile_megatron(layer.forward)
     if getattr(args, "compile_output_layer", False) and ps.is_pipeline_last_stage():
         model._postprocess = compat.compile_megatron(model._postprocess)
     return config, model
+
+
+def fp8_recipe(args):
+    """The FP8 recipe of Megatron-LM's --fp8-* flags."""
+    from megatron_patch.kernels import fp8
+
+    return fp8.Fp8Recipe(args.fp8_format, args.fp8_margin, args.fp8_recipe,
+                         args.fp8_amax_history_len, args.fp8_amax_compute_algo)
 
 
 def ddp_config(args):

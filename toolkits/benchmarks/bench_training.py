@@ -13,7 +13,8 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
   ours+...+unfused-wgrad  with --no-gradient-accumulation-fusion (bf16 weight gradients, then
                   added to main_grad)
   ours+...+fp8    with --fp8-format hybrid (FP8 GEMMs in the transformer layers, tensorwise
-                  scaling; fp8-e4m3: --fp8-format e4m3); --fp8 adds a +fp8 row per ours stack
+                  scaling; fp8-e4m3: --fp8-format e4m3; fp8-delayed: --fp8-recipe delayed);
+                  --fp8 adds a +fp8 row per ours stack
   ours+...+mbN    micro-batch N instead of --micro-batch-size (tokens/s is per token either way)
   ours(local)     megatron-core's unfused DotProductAttention, for reference
   hf eager        LlamaForCausalLM (sdpa), bf16 autocast, fused AdamW
@@ -193,6 +194,7 @@ LEVERS = {
     "unfused-wgrad": ["--no-gradient-accumulation-fusion"],
     "fp8": ["--fp8-format", "hybrid"],
     "fp8-e4m3": ["--fp8-format", "e4m3"],
+    "fp8-delayed": ["--fp8-format", "hybrid", "--fp8-recipe", "delayed"],
 }
 
 
