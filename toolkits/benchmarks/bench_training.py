@@ -27,6 +27,13 @@ TFLOP/s (Megatron-LM's formula, the same for every stack) and peak memory:
     python toolkits/benchmarks/bench_training.py --shape 7B --fp8 \
         --ours-args "--recompute-granularity full --global-batch-size 8"
 
+Same work (``--same-work``, on by default when ours and HF stacks both run llama's shapes; with
+``--family`` only when asked, not yet run per family): the HF model's
+random weights (``--seed``) are saved and converted, every ours stack ``--load``s them
+(``--finetune``), and ours and HF train on one batch (an mmap dataset of one random document
+repeated, read by megatron-core's GPTDataset); the first losses are printed side by side after
+the table, so the speed comparison is of the same computation.
+
 ``--shape 7B``: llama2-7B (32 layers, hidden 4096, FFN 11008, vocab 32000) at sequence 4096,
 micro-batch 1; its default stacks are ours only (HF's fp32 weights, gradients and AdamW state
 take 108 GB before any activation). MFU is TFLOP/s (Megatron-LM's formula: model FLOPs, not
@@ -86,12 +93,14 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
     """Our pretrain loop in a subprocess; figures from its metrics file (after warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "metrics.jsonl")
-        if opts.family:
-            model = ["--model-family", opts.family, "--model-size", opts.size] + (
+        if opts.same_work is not None:  # the HF stacks' weights and batch
+            model = opts.same_work["ours"]
+        elif opts.family:
+            model = ["--model-family", opts.family, "--model-size", opts.size, "--mock-data"] + (
                 ["--num-layers", str(opts.num_layers)] if opts.num_layers else [])
         else:
             model = ["--model-family", "llama", "--model-size",
-                     opts.shape if not opts.tiny else "tiny"]
+                     opts.shape if not opts.tiny else "tiny", "--mock-data"]
         entry, batch = "megatron_patch.pretrain", opts.micro_batch_size
         for flag in extra:  # a +mbN lever
             if flag.startswith("--micro-batch-size="):
@@ -101,7 +110,7 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
             extra = [*extra, "--global-batch-size", str(batch)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
                "--master-port=29517", "-m", entry, *model,
-               "--mock-data", "--micro-batch-size", str(batch),
+               "--micro-batch-size", str(batch),
                "--seq-length", str(opts.seq_length), "--lr", "1e-4",
                "--train-iters", str(opts.steps), "--eval-iters", "0",
                "--log-interval", str(opts.steps), "--metrics-file", metrics] + extra \
@@ -113,18 +122,25 @@ def run_ours(shape, opts, extra: list[str]) -> dict:
             return {"error": proc.stderr[-2000:]}
         key = "rm_loss" if opts.reward else "lm_loss"
         rows = [json.loads(line) for line in open(metrics) if key in line]
+    first = rows[0][key]
     rows = rows[opts.warmup:]
     return {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows),
             "tflops": statistics.median(r["tflops_per_gpu"] for r in rows),
-            "peak_gib": max(r["memory_gib"] for r in rows), "loss": rows[-1][key]}
+            "peak_gib": max(r["memory_gib"] for r in rows), "loss": rows[-1][key],
+            "first_loss": first}
 
 
-def run_hf(shape, opts, compiled: bool) -> dict:
-    """The HF model's training steps in this process (LlamaForCausalLM, or --family's class)."""
+def build_hf(shape, opts):
+    """The HF model (LlamaForCausalLM, or --family's class) with random weights, on the CPU;
+    from ``opts.same_work``'s saved weights when there are some."""
     from transformers import (AutoConfig, AutoModelForCausalLM,
                               AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(opts.same_work, dict):
+        model = AutoModelForCausalLM.from_pretrained(opts.same_work["hf_dir"],
+                                                     attn_implementation=opts.same_work["attn"])
+        print(f"hf: {type(model).__name__} from the weights ours loads (converted)", flush=True)
+        return model
     if opts.reward:
         from megatron_patch.registry import get_family
 
@@ -132,7 +148,6 @@ def run_hf(shape, opts, compiled: bool) -> dict:
         config = AutoConfig.for_model(**fields, pad_token_id=0)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
         print(f"hf: {type(model).__name__}", flush=True)
-        model = model.to(device)
     elif opts.family:
         from megatron_patch.registry import get_family
 
@@ -147,19 +162,59 @@ def run_hf(shape, opts, compiled: bool) -> dict:
             model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         print(f"hf: {type(model).__name__}, attention {model.config._attn_implementation}",
               flush=True)
-        model = model.to(device)
     else:
         config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                              intermediate_size=shape["ffn_hidden_size"],
                              num_hidden_layers=shape["num_layers"],
                              num_attention_heads=shape["num_attention_heads"],
                              max_position_embeddings=opts.seq_length, attn_implementation="sdpa")
-        model = LlamaForCausalLM(config).to(device)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def prepare_same_work(shape, opts, root: str) -> dict:
+    """The HF stacks' weights and batch for the ours stacks too: the HF model's random weights
+    saved and converted (megatron_patch.convert's engine), and an mmap dataset of one random
+    document of --seq-length tokens repeated, so that every sample, ours and HF's, is that
+    document with its first token as the last label."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.convert import engine
+
+    torch.manual_seed(opts.seed)
+    model = build_hf(shape, opts)
+    hf_dir, mg_dir = os.path.join(root, "hf"), os.path.join(root, "megatron")
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    attn = model.config._attn_implementation
+    vocab = model.config.vocab_size
+    del model
+    engine.convert_hf_to_megatron(hf_dir, mg_dir, target=engine.Target(1, 1), progress=False)
+    document = torch.randint(1, vocab, (opts.seq_length,),
+                             generator=torch.Generator().manual_seed(opts.seed))
+    prefix = os.path.join(root, "data_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(64):  # more epochs of it are built as needed
+        builder.add_document(document.to(torch.int32), [opts.seq_length])
+    builder.finalize(prefix + ".idx")
+    return {"hf_dir": hf_dir, "attn": attn, "document": document,
+            "ours": ["--load", mg_dir, "--finetune", "--data-path", prefix, "--split", "100,0,0",
+                     "--data-cache-path", os.path.join(root, "cache"), "--seed", str(opts.seed)]}
+
+
+def run_hf(shape, opts, compiled: bool) -> dict:
+    """The HF model's training steps in this process (LlamaForCausalLM, or --family's class)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_hf(shape, opts).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     step_model = torch.compile(model) if compiled else model
     ids = torch.randint(1, model.config.vocab_size, (opts.micro_batch_size, opts.seq_length),
                         device=device)
-    times = []
+    labels = {"labels": ids}
+    if opts.same_work is not None:  # ours' sample: the next token of the last is the first
+        ids = opts.same_work["document"].to(device).expand(opts.micro_batch_size, -1)
+        labels = {"labels": ids, "shift_labels": ids.roll(-1, dims=1)}
+    times, first_loss = [], None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(opts.steps):
@@ -170,7 +225,8 @@ def run_hf(shape, opts, compiled: bool) -> dict:
                 half = scores.numel() // 2
                 loss = -torch.nn.functional.logsigmoid(scores[:half] - scores[half:]).mean()
             else:
-                loss = step_model(input_ids=ids, labels=ids).loss
+                loss = step_model(input_ids=ids, **labels).loss
+        first_loss = loss.item() if first_loss is None else first_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +239,7 @@ def run_hf(shape, opts, compiled: bool) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"tokens_per_sec": opts.micro_batch_size * opts.seq_length / seconds,
-            "seconds": seconds, "peak_gib": peak, "loss": loss.item()}
+            "seconds": seconds, "peak_gib": peak, "loss": loss.item(), "first_loss": first_loss}
 
 
 # ``ours+LEVER+...`` stacks: each lever adds its flags to the pretrain command line.
@@ -241,6 +297,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reward", action="store_true",
                         help="a reward model (scalar head, pairwise loss) against HF's "
                              "*ForSequenceClassification")
+    parser.add_argument("--same-work", action=argparse.BooleanOptionalAction, default=None,
+                        help="ours stacks load the HF stacks' random weights (converted) and "
+                             "train on the same batch, and the first losses are compared "
+                             "(default: on when ours and HF stacks both run, for llama's "
+                             "shapes; --family F --same-work asks for it, untested per family)")
+    parser.add_argument("--seed", type=int, default=1234, help="weights and batch")
     opts = parser.parse_args(argv)
     if opts.family and not opts.size:
         parser.error("--family needs --size (a row of its sizes table)")
@@ -272,6 +334,20 @@ def main(argv=None) -> int:
         names = [n for name in names for n in
                  ([name, name + "+fp8"] if name.startswith("ours+") or name == "ours"
                   else [name])]
+    both = any(n.startswith("ours") for n in names) and any(n.startswith("hf") for n in names)
+    if opts.same_work and opts.reward:
+        parser.error("--same-work is for language models (not --reward)")
+    if opts.same_work is None:
+        opts.same_work = both and not opts.reward and not opts.family
+    scratch = tempfile.TemporaryDirectory()
+    if opts.same_work:
+        started = time.time()
+        opts.same_work = prepare_same_work(shape, opts, scratch.name)
+        print(f"same work: ours loads the HF model's random weights (seed {opts.seed}, "
+              f"converted in {time.time() - started:.0f} s) and both train on one batch",
+              flush=True)
+    else:
+        opts.same_work = None
     if opts.ours_args:
         print(f"ours stacks also take: {opts.ours_args}")
     width = max(14, *(len(name) for name in names))
@@ -298,7 +374,25 @@ def main(argv=None) -> int:
     if base and ours:
         best = max(ours, key=ours.get)
         print(f"best of ours ({best}) / hf compiled: {ours[best] / base:.2f}x")
+    if opts.same_work is not None:
+        print_first_losses(results)
+    scratch.cleanup()
     return 0
+
+
+def print_first_losses(results: dict) -> None:
+    """Each ours stack's first loss against the first HF stack's: the same weights and batch,
+    so they differ by the arithmetic only (bf16, the kernels)."""
+    hf = next((k for k, r in results.items() if k.startswith("hf") and "first_loss" in r), None)
+    if hf is None:
+        return
+    reference = results[hf]["first_loss"]
+    print(f"first loss on the same batch from the same weights: {hf} {reference:.5f}")
+    for name, result in results.items():
+        if name != hf and "first_loss" in result:
+            diff = result["first_loss"] - reference
+            print(f"  {name}: {result['first_loss']:.5f} ({name} - {hf}: {diff:+.2e}, "
+                  f"relative {abs(diff) / abs(reference):.1e})")
 
 
 if __name__ == "__main__":
