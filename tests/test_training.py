@@ -216,7 +216,7 @@ FP8_RECIPES = {
     "tensorwise": ([], "tensorwise scaling"),
     "delayed": (["--fp8-recipe", "delayed", "--fp8-amax-history-len", "4",
                  "--fp8-amax-compute-algo", "max"],
-                "delayed scaling, max of 4 iterations' amax"),
+                "delayed scaling, max amax of the last 4 iterations"),
 }
 
 

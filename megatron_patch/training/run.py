@@ -134,8 +134,9 @@ def setup(args, data):
     optimizer, scheduler = model_setup.build_optimizer(args, chunks)
     if dist.get_rank() == 0 and args.fp8_format:
         scaling = ("tensorwise scaling" if args.fp8_recipe == "tensorwise" else
-                   f"delayed scaling, {args.fp8_amax_compute_algo} of "
-                   f"{args.fp8_amax_history_len} iterations' amax")
+                   f"delayed scaling, {args.fp8_amax_compute_algo} amax of the last "
+                   f"{args.fp8_amax_history_len} iteration"
+                   f"{'s' if args.fp8_amax_history_len > 1 else ''}")
         print(f"[megatron_patch] FP8 ({args.fp8_format}, {scaling}): "
               f"{args.fp8_linears} linear layers of the transformer layers on this rank's stage "
               f"run torch._scaled_mm; the embedding and output layer stay in {args.precision}",
