@@ -180,6 +180,40 @@ def test_delayed_scaling_follows_the_amax_history(algo):
         longer.load_state_dict(scaling.state_dict())
 
 
+def test_delayed_scaling_records_its_amaxes_under_torch_compile():
+    """--compile-layers traces the FP8 linear: the in-place amax records inside the autograd
+    function must survive compilation (aot_eager: dynamo and AOTAutograd's functionalisation,
+    as inductor's, without a C++ compiler), giving the eager losses, histories and scales."""
+    recipe = fp8.Fp8Recipe("hybrid", recipe="delayed", amax_history_len=2, amax_compute_algo="max")
+
+    def train(compiled):
+        scaling = fp8.DelayedScaling(recipe, count=1)
+        generator = torch.Generator().manual_seed(4)
+        w = torch.randn(16, 32, generator=generator).requires_grad_()
+        slot, group = scaling.slot(0), object()
+
+        def step(x):
+            return fp8.fp8_linear(recipe, input=x, weight=w, bias=None,
+                                  gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                                  sequence_parallel=False, tp_group=group,
+                                  slot=slot).pow(2).sum()
+
+        run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
+        losses = []
+        for iteration in range(3):
+            x = torch.randn(16, 32, generator=generator) * (iteration + 1)
+            loss = run(x.requires_grad_())
+            loss.backward()
+            losses.append(loss.item())
+            scaling.update()
+        return losses, scaling.history.clone(), scaling.scale.clone()
+
+    eager, compiled = train(False), train(True)
+    assert compiled[0] == eager[0]
+    assert eager[1].all() and torch.equal(compiled[1], eager[1])
+    assert torch.equal(compiled[2], eager[2])
+
+
 def test_delayed_scaling_ignores_an_overflowed_step_and_keeps_its_scale():
     recipe = fp8.Fp8Recipe("hybrid", recipe="delayed")
     scaling = fp8.DelayedScaling(recipe, count=1)
