@@ -80,15 +80,20 @@ class Fp8Recipe:
 def quantize(tensor: torch.Tensor, dtype: torch.dtype, margin: int = 0):
     """(FP8 tensor, inverse scale): ``tensor * scale`` saturated to ``dtype``, where
     ``scale = fp8_max / amax(tensor) / 2**margin`` (1 for an all-zero tensor), in fp32."""
-    fp8_max = FP8_MAX[dtype]
     amax = tensor.detach().abs().amax().float()
-    scale = torch.where(amax > 0, _scale_for(amax, dtype, margin), torch.ones_like(amax))
+    return _cast_at(tensor, dtype, _current_scale(amax, dtype, margin))
+
+
+def _current_scale(amax, dtype: torch.dtype, margin: int):
+    """``fp8_max / amax / 2**margin``; 1 for an all-zero tensor."""
+    return torch.where(amax > 0, FP8_MAX[dtype] / (amax * 2.0 ** margin), torch.ones_like(amax))
+
+
+def _cast_at(tensor, dtype: torch.dtype, scale):
+    """(FP8 tensor, inverse scale): ``tensor * scale`` saturated to ``dtype``."""
+    fp8_max = FP8_MAX[dtype]
     scaled = (tensor.float() * scale).clamp(-fp8_max, fp8_max)
     return scaled.to(dtype), scale.reciprocal()
-
-
-def _scale_for(amax, dtype: torch.dtype, margin: int):
-    return FP8_MAX[dtype] / (amax * 2.0 ** margin)
 
 
 class DelayedScaling:
@@ -125,8 +130,7 @@ class DelayedScaling:
         self.amax.zero_()
 
     def state_dict(self) -> dict:
-        return {"amax_history": self.history.cpu(), "scale": self.scale.cpu(),
-                "amax_compute_algo": self.recipe.amax_compute_algo}
+        return {"amax_history": self.history.cpu(), "scale": self.scale.cpu()}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         history = state["amax_history"]
@@ -153,12 +157,8 @@ class _Slot:
             running = self.scaling.amax[self.index, which]
             running.copy_(torch.maximum(running, amax))
         delayed = self.scaling.scale[self.index, which]
-        current = torch.where(amax > 0, _scale_for(amax, dtype, self.scaling.recipe.margin),
-                              torch.ones_like(amax))
-        scale = torch.where(delayed > 0, delayed, current)
-        fp8_max = FP8_MAX[dtype]
-        scaled = (tensor.float() * scale).clamp(-fp8_max, fp8_max)
-        return scaled.to(dtype), scale.reciprocal()
+        current = _current_scale(amax, dtype, self.scaling.recipe.margin)
+        return _cast_at(tensor, dtype, torch.where(delayed > 0, delayed, current))
 
 
 def _cast(slot, tensor, which, dtype, margin, record):

@@ -121,7 +121,7 @@ def _parallel(parser):
                         "Engine")
     g.add_argument("--fp8-margin", type=int, default=0,
                    help="scale down by 2**margin below the format's maximum")
-    g.add_argument("--fp8-amax-history-len", type=int, default=None,
+    g.add_argument("--fp8-amax-history-len", type=positive_int, default=None,
                    help="delayed recipe: iterations of amax history per tensor (default 1, "
                         "Megatron-LM's)")
     g.add_argument("--fp8-amax-compute-algo", choices=("most_recent", "max"), default=None,
@@ -279,8 +279,6 @@ def finalize(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         raise ValueError(f"--fp8-recipe {args.fp8_recipe} is not implemented (it needs "
                          f"Transformer Engine); use --fp8-recipe tensorwise (per-tensor current "
                          f"scaling) or delayed (amax history), both through torch._scaled_mm")
-    if args.fp8_amax_history_len is not None and args.fp8_amax_history_len < 1:
-        raise ValueError(f"--fp8-amax-history-len {args.fp8_amax_history_len}: must be >= 1")
     if args.fp8_format and (args.micro_batch_size * args.seq_length) % 16:
         raise ValueError(f"--fp8-format needs --micro-batch-size x --seq-length to be a multiple "
                          f"of 16 (FP8 GEMMs); got {args.micro_batch_size} x {args.seq_length}")

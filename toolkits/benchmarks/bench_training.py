@@ -178,9 +178,9 @@ def prepare_same_work(shape, opts, root: str) -> dict:
     document of --seq-length tokens repeated, so that every sample, ours and HF's, is that
     document with its first token as the last label."""
     import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_patch.convert import engine
+    from megatron_patch.data.indexed import IndexedDatasetWriter, token_dtype
 
     torch.manual_seed(opts.seed)
     model = build_hf(shape, opts)
@@ -193,10 +193,11 @@ def prepare_same_work(shape, opts, root: str) -> dict:
     document = torch.randint(1, vocab, (opts.seq_length,),
                              generator=torch.Generator().manual_seed(opts.seed))
     prefix = os.path.join(root, "data_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    for _ in range(64):  # more epochs of it are built as needed
-        builder.add_document(document.to(torch.int32), [opts.seq_length])
-    builder.finalize(prefix + ".idx")
+    copies = 64  # more epochs of it are built as needed
+    with IndexedDatasetWriter(prefix, token_dtype(vocab)) as writer:
+        writer.add_documents(np.tile(document.numpy(), copies),
+                             np.full(copies, opts.seq_length), np.ones(copies, np.int64))
+        writer.finalize()
     return {"hf_dir": hf_dir, "attn": attn, "document": document,
             "ours": ["--load", mg_dir, "--finetune", "--data-path", prefix, "--split", "100,0,0",
                      "--data-cache-path", os.path.join(root, "cache"), "--seed", str(opts.seed)]}
